@@ -65,6 +65,10 @@ pub struct Backend {
     /// Concurrent requests this backend accepts from this sidecar (0 = unbounded).
     #[serde(default)]
     pub max_in_flight: u32,
+    /// File holding the upstream's API key (a mounted Secret), sent as
+    /// `Authorization: Bearer` instead of the client's key. Read at swap time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<String>,
     /// Per-backend deadlines; unset fields fall back to the global ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
