@@ -337,7 +337,9 @@ pub fn canonical_json(value: &serde_json::Value) -> String {
         match v {
             serde_json::Value::Object(map) => {
                 let ordered: BTreeMap<_, _> = map.iter().map(|(k, v)| (k, sorted(v))).collect();
-                serde_json::Value::Object(ordered.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+                serde_json::Value::Object(
+                    ordered.into_iter().map(|(k, v)| (k.clone(), v)).collect(),
+                )
             }
             serde_json::Value::Array(items) => {
                 serde_json::Value::Array(items.iter().map(sorted).collect())

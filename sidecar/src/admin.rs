@@ -1,0 +1,86 @@
+//! The admin listener: config push and read (bearer token), health, metrics.
+//! Never exposed on the public Service.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::{ConfigError, GatewayConfig};
+use crate::error::ApiError;
+use crate::AppState;
+
+pub fn admin_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/admin/v1/config", get(get_config).put(put_config))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound("Unknown path.".into()) })
+        .with_state(state)
+}
+
+fn check_token(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &s.admin_token_sha256 {
+        Some(expected) if crate::auth::admin_token_ok(expected, headers) => Ok(()),
+        _ => Err(ApiError::AdminUnauthorized),
+    }
+}
+
+async fn get_config(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_token(&s, &headers)?;
+    let table = s.table.load();
+    let mut config = (*table.config).clone();
+    config.version = Some(table.version.clone());
+    Ok(Json(config).into_response())
+}
+
+async fn put_config(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_token(&s, &headers)?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    let parsed = if is_json {
+        GatewayConfig::from_json(&body)
+    } else {
+        std::str::from_utf8(&body)
+            .map_err(|_| ConfigError::Parse("body is not UTF-8".into()))
+            .and_then(GatewayConfig::from_yaml)
+    };
+    let version = parsed
+        .and_then(|c| s.swap(c))
+        .map_err(|e| ApiError::invalid(format!("config rejected: {e}"), None))?;
+    Ok(Json(json!({"version": version})).into_response())
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if s.table.load().config.models.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no routes configured").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,227 @@
+//! Choosing a backend for one request: weighted round-robin, least-in-flight,
+//! or rendezvous hashing for sticky sessions. No allocation, no locks.
+//!
+//! Rendezvous (highest random weight) rather than `hash % n`: when a backend
+//! joins or leaves, only the sessions that belonged to it move, and every
+//! replica with the same table makes the same choice without talking.
+
+use std::sync::atomic::Ordering;
+
+use crate::config::Strategy;
+use crate::table::{Route, RouteTarget};
+
+/// Indices already tried in this request (retries never reuse a backend).
+#[derive(Default, Clone, Copy)]
+pub struct Tried(u64);
+
+impl Tried {
+    pub fn add(&mut self, i: usize) {
+        self.0 |= 1 << (i % 64);
+    }
+    pub fn contains(self, i: usize) -> bool {
+        self.0 & (1 << (i % 64)) != 0
+    }
+}
+
+/// Pick a target index. Healthy (not ejected, not full, not tried) targets
+/// first; if none is healthy, an ejected one is still better than failing,
+/// but full and tried ones are never chosen.
+pub fn pick(route: &Route, session: Option<&str>, tried: Tried, now_ms: u64) -> Option<usize> {
+    let usable = |i: usize, t: &RouteTarget| !tried.contains(i) && !t.backend.is_full();
+    let healthy = |i: usize, t: &RouteTarget| usable(i, t) && !t.backend.is_ejected(now_ms);
+    for filter in [&healthy as &dyn Fn(usize, &RouteTarget) -> bool, &usable] {
+        let chosen = match (session, route.strategy) {
+            (Some(key), _) => rendezvous(&route.targets, key, filter),
+            (None, Strategy::RoundRobin) => round_robin(route, filter),
+            (None, Strategy::LeastInFlight) => least_in_flight(route, filter),
+        };
+        if chosen.is_some() {
+            return chosen;
+        }
+    }
+    None
+}
+
+fn round_robin(route: &Route, ok: &dyn Fn(usize, &RouteTarget) -> bool) -> Option<usize> {
+    let n = route.targets.len();
+    if n == 0 || route.total_weight == 0 {
+        return None;
+    }
+    let tick = route.cursor.fetch_add(1, Ordering::Relaxed) as u64;
+    let mut slot = tick % route.total_weight;
+    let mut start = 0;
+    for (i, t) in route.targets.iter().enumerate() {
+        if slot < t.weight as u64 {
+            start = i;
+            break;
+        }
+        slot -= t.weight as u64;
+    }
+    (0..n)
+        .map(|k| (start + k) % n)
+        .find(|&i| ok(i, &route.targets[i]))
+}
+
+fn least_in_flight(route: &Route, ok: &dyn Fn(usize, &RouteTarget) -> bool) -> Option<usize> {
+    let n = route.targets.len();
+    if n == 0 {
+        return None;
+    }
+    // Rotate the start so ties spread instead of piling on the first target.
+    let start = route.cursor.fetch_add(1, Ordering::Relaxed) % n;
+    let mut best: Option<(usize, u64)> = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        let t = &route.targets[i];
+        if !ok(i, t) {
+            continue;
+        }
+        // Load per unit of weight, compared without division.
+        let load = (t.backend.in_flight() as u64 + 1) * 1_000_000 / t.weight.max(1) as u64;
+        if best.is_none_or(|(_, l)| load < l) {
+            best = Some((i, load));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+fn rendezvous(
+    targets: &[RouteTarget],
+    key: &str,
+    ok: &dyn Fn(usize, &RouteTarget) -> bool,
+) -> Option<usize> {
+    let key_hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+    let mut best: Option<(usize, f64)> = None;
+    for (i, t) in targets.iter().enumerate() {
+        if !ok(i, t) {
+            continue;
+        }
+        let s = rendezvous_score(key_hash, t.backend.id_hash, t.weight);
+        if best.is_none_or(|(_, b)| s > b) {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Weighted rendezvous score `-w / ln(u)`, u uniform in (0, 1) from the pair.
+pub fn rendezvous_score(key_hash: u64, backend_hash: u64, weight: u32) -> f64 {
+    let mixed = splitmix64(key_hash ^ backend_hash.rotate_left(17));
+    let u = ((mixed >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -(weight.max(1) as f64) / u.ln()
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GatewayConfig;
+    use crate::table::{now_ms, Table};
+    use std::time::Duration;
+
+    fn table(strategy: &str, weights: &[u32]) -> Table {
+        let backends: String = (0..weights.len())
+            .map(|i| format!("  - {{ id: b{i}, url: http://b{i} }}\n"))
+            .collect();
+        let targets: String = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| format!("{{ backend: b{i}, weight: {w} }},"))
+            .collect();
+        let yaml = format!(
+            "backends:\n{backends}models:\n  - {{ name: m, strategy: {strategy}, targets: [{targets}] }}\n"
+        );
+        Table::build(GatewayConfig::from_yaml(&yaml).unwrap(), None).unwrap()
+    }
+
+    fn counts(t: &Table, n: usize, session: impl Fn(usize) -> Option<String>) -> Vec<usize> {
+        let route = t.route("m").unwrap();
+        let mut c = vec![0; route.targets.len()];
+        for i in 0..n {
+            c[pick(route, session(i).as_deref(), Tried::default(), now_ms()).unwrap()] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights_exactly() {
+        let t = table("roundRobin", &[3, 1, 2]);
+        assert_eq!(counts(&t, 600, |_| None), vec![300, 100, 200]);
+    }
+
+    #[test]
+    fn ejected_and_tried_backends_are_skipped() {
+        let t = table("roundRobin", &[1, 1, 1]);
+        let route = t.route("m").unwrap();
+        route.targets[1]
+            .backend
+            .record_failure(Duration::from_secs(60));
+        let c = counts(&t, 300, |_| None);
+        assert_eq!(c[1], 0, "{c:?}");
+        assert_eq!(c[0] + c[2], 300);
+
+        let mut tried = Tried::default();
+        tried.add(0);
+        tried.add(2);
+        // Only the ejected one is left: better to try it than to fail.
+        assert_eq!(pick(route, None, tried, now_ms()), Some(1));
+        tried.add(1);
+        assert_eq!(pick(route, None, tried, now_ms()), None);
+    }
+
+    #[test]
+    fn least_in_flight_prefers_the_idle_backend() {
+        let t = table("leastInFlight", &[1, 1]);
+        let route = t.route("m").unwrap();
+        route.targets[0]
+            .backend
+            .counters
+            .in_flight
+            .store(5, Ordering::Relaxed);
+        for _ in 0..10 {
+            assert_eq!(pick(route, None, Tried::default(), now_ms()), Some(1));
+        }
+    }
+
+    #[test]
+    fn sticky_sessions_stay_and_spread() {
+        let t = table("roundRobin", &[1, 1, 1, 1]);
+        let route = t.route("m").unwrap();
+        let first: Vec<usize> = (0..1000)
+            .map(|i| pick(route, Some(&format!("s{i}")), Tried::default(), 0).unwrap())
+            .collect();
+        let again: Vec<usize> = (0..1000)
+            .map(|i| pick(route, Some(&format!("s{i}")), Tried::default(), 0).unwrap())
+            .collect();
+        assert_eq!(first, again);
+        for b in 0..4 {
+            let n = first.iter().filter(|&&x| x == b).count();
+            assert!((150..350).contains(&n), "backend {b} got {n} of 1000");
+        }
+    }
+
+    #[test]
+    fn adding_a_backend_moves_only_its_share_of_sessions() {
+        let four = table("roundRobin", &[1, 1, 1, 1]);
+        let five = table("roundRobin", &[1, 1, 1, 1, 1]);
+        let (r4, r5) = (four.route("m").unwrap(), five.route("m").unwrap());
+        let mut moved = 0;
+        for i in 0..10_000 {
+            let key = format!("session-{i}");
+            let a = pick(r4, Some(&key), Tried::default(), 0).unwrap();
+            let b = pick(r5, Some(&key), Tried::default(), 0).unwrap();
+            if a != b {
+                assert_eq!(b, 4, "a session moved between two old backends");
+                moved += 1;
+            }
+        }
+        // Ideal is 1/5 of sessions; `hash % n` would move about 4/5.
+        assert!((1_600..2_400).contains(&moved), "moved {moved}");
+    }
+}

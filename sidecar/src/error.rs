@@ -1,0 +1,149 @@
+//! One error type for every handler, rendered as the OpenAI error body
+//! `{"error":{"message","type","param","code"}}` with the matching status.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Missing API key: send it as `Authorization: Bearer <key>`.")]
+    MissingKey,
+    #[error("Incorrect API key provided.")]
+    InvalidKey,
+    #[error("This API key may not use model `{0}`.")]
+    ModelNotAllowed(String),
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("Request body is larger than the limit of {0} bytes.")]
+    BodyTooLarge(usize),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("Admin token missing or wrong.")]
+    AdminUnauthorized,
+    #[error("No backend is available for model `{0}`.")]
+    NoBackend(String),
+    #[error("Upstream error: {0}")]
+    Upstream(String),
+    #[error("Upstream timed out: {0}")]
+    UpstreamTimeout(&'static str),
+    #[error("Method not allowed.")]
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            MissingKey | InvalidKey | AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            ModelNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
+            InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Upstream(_) => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Low-cardinality label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            MissingKey => "missing_api_key",
+            InvalidKey => "invalid_api_key",
+            ModelNotAllowed(_) => "model_not_allowed",
+            ModelNotFound(_) => "model_not_found",
+            InvalidRequest { .. } => "invalid_request",
+            BodyTooLarge(_) => "request_too_large",
+            NotFound(_) => "not_found",
+            AdminUnauthorized => "admin_unauthorized",
+            NoBackend(_) => "no_backend",
+            Upstream(_) => "upstream_error",
+            UpstreamTimeout(_) => "upstream_timeout",
+            MethodNotAllowed => "method_not_allowed",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            MissingKey | InvalidKey | AdminUnauthorized => "authentication_error",
+            ModelNotAllowed(_) => "permission_error",
+            NoBackend(_) | Upstream(_) | UpstreamTimeout(_) => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } => *param,
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed(_) => Some("model"),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: &'a str,
+}
+
+/// The OpenAI error body as bytes; also used inside SSE error frames.
+pub fn error_json(message: String, kind: &str, code: &str) -> Vec<u8> {
+    serde_json::to_vec(&Body {
+        error: Inner {
+            message,
+            kind,
+            param: None,
+            code,
+        },
+    })
+    .expect("error body serialises")
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&Body {
+            error: Inner {
+                message: self.to_string(),
+                kind: self.kind(),
+                param: self.param(),
+                code: self.metric_label(),
+            },
+        })
+        .expect("error body serialises");
+        let mut resp = (self.status(), body).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if matches!(self, ApiError::MissingKey | ApiError::InvalidKey) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}

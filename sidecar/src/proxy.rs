@@ -1,0 +1,415 @@
+//! One proxied request, from the client's headers to the last byte:
+//! authenticate (before reading the body), validate, resolve the model,
+//! pick a backend, forward, and pass the answer through while it is hashed.
+//!
+//! A request is retried on another backend only while nothing has been sent
+//! to the client: connect failures, first-byte timeouts and 5xx answers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::balance::{self, Tried};
+use crate::error::ApiError;
+use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, RequestLabels};
+use crate::sse;
+use crate::stream::{error_kind, End, EndCause, Observed, OnEnd};
+use crate::table::{now_ms, Backend, KeyEntry, Route, RouteTarget, Table};
+use crate::validate::{self, Endpoint, Parsed};
+use crate::AppState;
+
+/// Largest non-streamed upstream body the gateway will hold.
+const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+const MAX_ATTEMPTS: usize = 3;
+
+pub async fn forward(
+    state: Arc<AppState>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response<Body>, ApiError> {
+    let table = state.table.load_full();
+    let key = crate::auth::authenticate(&table, &headers)?;
+    let limit = table.limits.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::BodyTooLarge(limit))?;
+    let parsed = validate::validate(endpoint, &body, table.limits.max_messages)?;
+    let route = table
+        .route(&parsed.model)
+        .ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
+    if !key.may_use(route) {
+        return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
+    }
+    let session = session_key(route, &headers, &parsed);
+    let request_sha256: [u8; 32] = Sha256::digest(&body).into();
+
+    let mut tried = Tried::default();
+    let mut last_error = None;
+    for _ in 0..route.targets.len().min(MAX_ATTEMPTS) {
+        let Some(i) = balance::pick(route, session, tried, now_ms()) else {
+            break;
+        };
+        tried.add(i);
+        let target = &route.targets[i];
+        let Some(slot) = Slot::acquire(&target.backend, &state.metrics) else {
+            last_error = Some(ApiError::NoBackend(route.name.clone()));
+            continue;
+        };
+        let upstream_body = validate::with_model(&body, &parsed, &target.upstream_model);
+        let started = Instant::now();
+        match send(target, endpoint, &headers, upstream_body).await {
+            Ok(resp) if resp.status().is_server_error() => {
+                let status = resp.status();
+                fail(&state, &table, &target.backend, "status_5xx");
+                last_error = Some(ApiError::Upstream(format!(
+                    "backend {} answered HTTP {}",
+                    target.backend.id,
+                    status.as_u16()
+                )));
+            }
+            Ok(resp) => {
+                target.backend.record_success();
+                let exchange = Exchange {
+                    state: state.clone(),
+                    key,
+                    model: route.name.clone(),
+                    backend: target.backend.clone(),
+                    status: resp.status(),
+                    request_sha256,
+                    started,
+                    _slot: slot,
+                };
+                return respond(resp, exchange).await;
+            }
+            Err((kind, err)) => {
+                fail(&state, &table, &target.backend, kind);
+                last_error = Some(err);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| ApiError::NoBackend(route.name.clone())))
+}
+
+/// The first sticky source present in the request, in the route's order.
+fn session_key<'a>(route: &Route, headers: &'a HeaderMap, parsed: &'a Parsed) -> Option<&'a str> {
+    let sticky = &route.sticky;
+    let from_header = sticky
+        .header
+        .as_deref()
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    from_header
+        .or(if sticky.previous_response_id {
+            parsed.previous_response_id.as_deref()
+        } else {
+            None
+        })
+        .or(if sticky.user {
+            parsed.user.as_deref()
+        } else {
+            None
+        })
+}
+
+fn fail(state: &AppState, table: &Table, backend: &Backend, kind: &'static str) {
+    backend.record_failure(Duration::from_millis(table.limits.eject_ms));
+    state
+        .metrics
+        .upstream_errors
+        .get_or_create(&ErrorLabels {
+            backend: backend.id.clone(),
+            kind,
+        })
+        .inc();
+    tracing::warn!(backend = %backend.id, kind, "upstream failed; backend ejected for a while");
+}
+
+type SendError = (&'static str, ApiError);
+
+async fn send(
+    target: &RouteTarget,
+    endpoint: Endpoint,
+    client_headers: &HeaderMap,
+    body: Bytes,
+) -> Result<reqwest::Response, SendError> {
+    let backend = &target.backend;
+    let mut headers = HeaderMap::with_capacity(client_headers.len());
+    for (name, value) in client_headers {
+        if forwardable(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(key) = &backend.api_key {
+        headers.insert(header::AUTHORIZATION, key.clone());
+    }
+    let request = backend
+        .client()
+        .post(format!("{}{}", backend.url, endpoint.path()))
+        .headers(headers)
+        .body(body)
+        .send();
+    let first_byte = Duration::from_millis(backend.timeouts.first_byte_ms);
+    match tokio::time::timeout(first_byte, request).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) if e.is_timeout() => Err((
+            "connect_timeout",
+            ApiError::UpstreamTimeout("connecting to the backend"),
+        )),
+        Ok(Err(e)) => Err((
+            "connect",
+            ApiError::Upstream(format!(
+                "backend {} unreachable ({})",
+                backend.id,
+                error_kind(&e)
+            )),
+        )),
+        Err(_) => Err((
+            "first_byte_timeout",
+            ApiError::UpstreamTimeout("waiting for the first byte"),
+        )),
+    }
+}
+
+/// Client headers worth passing on: not hop-by-hop, not the client's key,
+/// not framing that the new request recomputes.
+fn forwardable(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "authorization"
+            | "host"
+            | "content-length"
+            | "content-type"
+            | "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "expect"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "accept-encoding"
+    )
+}
+
+fn response_header_passes(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "content-length"
+            | "trailer"
+            | "upgrade"
+    )
+}
+
+async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response<Body>, ApiError> {
+    let mut builder = Response::builder().status(resp.status());
+    let headers = builder.headers_mut().expect("fresh builder");
+    for (name, value) in resp.headers() {
+        if response_header_passes(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&exchange.backend.id) {
+        headers.insert(HeaderName::from_static("x-infergate-backend"), v);
+    }
+    let timeouts = exchange.backend.timeouts;
+    let idle = Duration::from_millis(timeouts.idle_ms);
+    let is_sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = if is_sse {
+        let first_byte = Duration::from_millis(timeouts.first_byte_ms);
+        Body::from_stream(Observed::new(
+            Box::pin(resp.bytes_stream()),
+            first_byte,
+            idle,
+            exchange,
+        ))
+    } else {
+        let bytes = collect(resp, idle, &exchange).await?;
+        exchange.on_end(End {
+            cause: EndCause::Completed,
+            response_sha256: Sha256::digest(&bytes).into(),
+            bytes: bytes.len() as u64,
+            frames: 1,
+            scan: sse::scan_json(&bytes),
+        });
+        Body::from(bytes)
+    };
+    Ok(builder.body(body).expect("valid response parts"))
+}
+
+/// A non-streamed body, each chunk within the idle deadline, size bounded.
+async fn collect(
+    resp: reqwest::Response,
+    idle: Duration,
+    exchange: &Exchange,
+) -> Result<Bytes, ApiError> {
+    let capacity = resp
+        .content_length()
+        .unwrap_or(0)
+        .min(MAX_UPSTREAM_BODY as u64) as usize;
+    let mut out = Vec::with_capacity(capacity);
+    let mut stream = resp.bytes_stream();
+    loop {
+        let count = |kind| exchange.count_upstream_error(kind);
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(None) => return Ok(Bytes::from(out)),
+            Ok(Some(Ok(chunk))) => {
+                if out.len() + chunk.len() > MAX_UPSTREAM_BODY {
+                    count("too_large");
+                    return Err(ApiError::Upstream(
+                        "backend answer exceeds the size bound".into(),
+                    ));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(Some(Err(e))) => {
+                count("body");
+                return Err(ApiError::Upstream(format!(
+                    "backend connection failed mid-body ({})",
+                    error_kind(&e)
+                )));
+            }
+            Err(_) => {
+                count("idle_timeout");
+                return Err(ApiError::UpstreamTimeout(
+                    "waiting for the rest of the body",
+                ));
+            }
+        }
+    }
+}
+
+/// Everything known about a request once an upstream answered; fires once
+/// when its body ends (see `stream::Observed`).
+pub struct Exchange {
+    state: Arc<AppState>,
+    key: Arc<KeyEntry>,
+    model: String,
+    backend: Arc<Backend>,
+    status: StatusCode,
+    request_sha256: [u8; 32],
+    started: Instant,
+    _slot: Slot,
+}
+
+impl Exchange {
+    fn count_upstream_error(&self, kind: &'static str) {
+        self.state
+            .metrics
+            .upstream_errors
+            .get_or_create(&ErrorLabels {
+                backend: self.backend.id.clone(),
+                kind,
+            })
+            .inc();
+    }
+}
+
+impl OnEnd for Exchange {
+    fn on_end(self, end: End) {
+        let metrics = &self.state.metrics;
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                model: self.model.clone(),
+                backend: self.backend.id.clone(),
+                status: Metrics::status_class(self.status.as_u16()),
+            })
+            .inc();
+        metrics
+            .stream_ends
+            .get_or_create(&ReasonLabels {
+                reason: end.cause.label(),
+            })
+            .inc();
+        match end.cause {
+            EndCause::IdleTimeout => self.count_upstream_error("idle_timeout"),
+            EndCause::UpstreamError => self.count_upstream_error("dropped"),
+            _ => {}
+        }
+        self.state.record_answer(
+            &self.key,
+            &self.backend,
+            self.status,
+            self.request_sha256,
+            &end,
+        );
+        tracing::debug!(
+            key = %self.key.id,
+            model = %self.model,
+            backend = %self.backend.id,
+            id = end.scan.id.as_deref().unwrap_or("-"),
+            cause = end.cause.label(),
+            bytes = end.bytes,
+            frames = end.frames,
+            ms = self.started.elapsed().as_millis() as u64,
+            "request ended"
+        );
+    }
+}
+
+/// One unit of a backend's in-flight count, released on drop whatever
+/// happens to the request (error, retry, client gone).
+pub struct Slot {
+    backend: Arc<Backend>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Slot {
+    pub fn acquire(backend: &Arc<Backend>, metrics: &Metrics) -> Option<Slot> {
+        let counter = &backend.counters.in_flight;
+        let max = backend.max_in_flight;
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()?;
+        let gauge = metrics
+            .in_flight
+            .get_or_create(&BackendLabels {
+                backend: backend.id.clone(),
+            })
+            .clone();
+        gauge.inc();
+        Some(Slot {
+            backend: backend.clone(),
+            gauge,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.backend
+            .counters
+            .in_flight
+            .fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}

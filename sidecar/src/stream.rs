@@ -1,0 +1,202 @@
+//! The streamed response body: upstream frames pass through unchanged while
+//! they are hashed and scanned, a stall ends the stream with an SSE error
+//! frame, and a hook fires exactly once at the end, whatever the end was.
+//!
+//! The hook fires *before* the frame that carries the terminal event is
+//! handed to the client, so a client that asks for the signature right after
+//! `[DONE]` always finds it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use tokio::time::{Instant, Sleep};
+
+use crate::sse::{error_frame, SseScan};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCause {
+    /// Terminal event seen, or the upstream closed cleanly.
+    Completed,
+    /// No bytes within the idle deadline (or the first-byte deadline).
+    IdleTimeout,
+    /// The upstream connection failed mid-body.
+    UpstreamError,
+    /// The client went away before the end.
+    ClientGone,
+}
+
+impl EndCause {
+    pub fn label(self) -> &'static str {
+        match self {
+            EndCause::Completed => "completed",
+            EndCause::IdleTimeout => "idle_timeout",
+            EndCause::UpstreamError => "upstream_error",
+            EndCause::ClientGone => "client_disconnect",
+        }
+    }
+}
+
+pub struct End {
+    pub cause: EndCause,
+    /// SHA-256 of every byte the client was handed.
+    pub response_sha256: [u8; 32],
+    pub bytes: u64,
+    pub frames: u64,
+    pub scan: SseScan,
+}
+
+pub trait OnEnd: Send + 'static {
+    fn on_end(self, end: End);
+}
+
+type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+
+pub struct Observed<H: OnEnd> {
+    upstream: Upstream,
+    timer: Pin<Box<Sleep>>,
+    /// Deadline for the next chunk; the timer is re-armed lazily from it
+    /// instead of being reset on every chunk.
+    next_deadline: Instant,
+    idle: Duration,
+    hasher: Sha256,
+    scan: SseScan,
+    bytes: u64,
+    frames: u64,
+    hook: Option<H>,
+    state: State,
+}
+
+enum State {
+    Streaming,
+    /// A final error frame to send, then the end.
+    Failing(Bytes, EndCause),
+    Finished,
+}
+
+impl<H: OnEnd> Observed<H> {
+    pub fn new(upstream: Upstream, first_byte: Duration, idle: Duration, hook: H) -> Self {
+        let deadline = Instant::now() + first_byte;
+        Observed {
+            upstream,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            next_deadline: deadline,
+            idle,
+            hasher: Sha256::new(),
+            scan: SseScan::default(),
+            bytes: 0,
+            frames: 0,
+            hook: Some(hook),
+            state: State::Streaming,
+        }
+    }
+
+    fn fire(&mut self, cause: EndCause) {
+        if let Some(hook) = self.hook.take() {
+            hook.on_end(End {
+                cause,
+                response_sha256: std::mem::take(&mut self.hasher).finalize().into(),
+                bytes: self.bytes,
+                frames: self.frames,
+                scan: std::mem::take(&mut self.scan),
+            });
+        }
+    }
+
+    fn pass(&mut self, chunk: &Bytes) {
+        self.bytes += chunk.len() as u64;
+        self.frames += 1;
+        if self.hook.is_some() {
+            self.hasher.update(chunk);
+            self.scan.feed(chunk);
+            if self.scan.done {
+                self.fire(EndCause::Completed);
+            }
+        }
+    }
+}
+
+// Nothing in `Observed` is structurally pinned (the timer and upstream are
+// boxed), so it may move freely whatever the hook is.
+impl<H: OnEnd> Unpin for Observed<H> {}
+
+impl<H: OnEnd> Stream for Observed<H> {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match std::mem::replace(&mut this.state, State::Streaming) {
+                State::Finished => {
+                    this.state = State::Finished;
+                    return Poll::Ready(None);
+                }
+                State::Failing(frame, cause) => {
+                    this.pass(&frame);
+                    this.fire(cause);
+                    this.state = State::Finished;
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                State::Streaming => {}
+            }
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.next_deadline = Instant::now() + this.idle;
+                    this.pass(&chunk);
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let msg = format!("upstream connection failed mid-stream: {}", error_kind(&e));
+                    this.state = State::Failing(
+                        error_frame(msg, "upstream_disconnected"),
+                        EndCause::UpstreamError,
+                    );
+                }
+                Poll::Ready(None) => {
+                    this.fire(EndCause::Completed);
+                    this.state = State::Finished;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    // The timer only wakes at the old deadline; if chunks
+                    // came since, re-arm it once instead of on every chunk.
+                    while this.timer.deadline() < this.next_deadline {
+                        ready!(this.timer.as_mut().poll(cx));
+                        let next = this.next_deadline;
+                        this.timer.as_mut().reset(next);
+                    }
+                    ready!(this.timer.as_mut().poll(cx));
+                    let msg = format!(
+                        "upstream sent nothing for {} ms; stream ended",
+                        this.idle.as_millis()
+                    );
+                    this.state =
+                        State::Failing(error_frame(msg, "upstream_timeout"), EndCause::IdleTimeout);
+                }
+            }
+        }
+    }
+}
+
+impl<H: OnEnd> Drop for Observed<H> {
+    fn drop(&mut self) {
+        self.fire(EndCause::ClientGone);
+    }
+}
+
+/// What went wrong, without echoing upstream content.
+pub fn error_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "transport"
+    }
+}

@@ -1,0 +1,332 @@
+//! The routing table compiled from a `GatewayConfig`: what the request path
+//! reads through one atomic pointer load. Built off the hot path at swap time.
+//!
+//! Backend counters (in flight, ejection) outlive a swap when the backend's
+//! id and URL stay the same, so a request that started on the old table
+//! still releases its slot on the counter the new table reads.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderValue;
+
+use crate::config::{ConfigError, GatewayConfig, Limits, Sticky, Strategy, Timeouts};
+
+pub struct Table {
+    pub config: Arc<GatewayConfig>,
+    pub version: String,
+    keys: HashMap<[u8; 32], Arc<KeyEntry>>,
+    models: HashMap<String, Arc<Route>>,
+    pub backends: HashMap<String, Arc<Backend>>,
+    pub limits: Limits,
+}
+
+pub struct KeyEntry {
+    pub id: String,
+    pub hash: [u8; 32],
+    pub admin: bool,
+    all_models: bool,
+    /// Canonical (public) route names this key may use.
+    models: HashSet<String>,
+}
+
+impl KeyEntry {
+    pub fn may_use(&self, route: &Route) -> bool {
+        self.all_models || self.models.contains(&route.name)
+    }
+}
+
+pub struct Route {
+    pub name: String,
+    pub strategy: Strategy,
+    pub sticky: Sticky,
+    pub targets: Vec<RouteTarget>,
+    pub total_weight: u64,
+    /// Round-robin cursor; relaxed ordering is enough, it only spreads load.
+    pub cursor: AtomicUsize,
+}
+
+pub struct RouteTarget {
+    pub backend: Arc<Backend>,
+    /// Model name to send upstream.
+    pub upstream_model: String,
+    pub weight: u32,
+}
+
+pub struct Backend {
+    pub id: String,
+    /// Base URL without trailing slash.
+    pub url: String,
+    pub sidecar: Option<String>,
+    pub attestation: bool,
+    pub max_in_flight: u32,
+    pub timeouts: Timeouts,
+    pub api_key: Option<HeaderValue>,
+    /// Fixed per id so rendezvous hashing agrees across replicas.
+    pub id_hash: u64,
+    pub counters: Arc<BackendCounters>,
+    /// Per backend so each gets its own connect deadline; kept across swaps
+    /// (with its connection pool) while URL and deadline stay the same.
+    client: reqwest::Client,
+}
+
+#[derive(Default)]
+pub struct BackendCounters {
+    pub in_flight: AtomicU32,
+    /// Milliseconds since `clock_origin()` before which the backend rests.
+    pub ejected_until_ms: AtomicU64,
+    pub consecutive_failures: AtomicU32,
+}
+
+impl Backend {
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.counters.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.max_in_flight != 0
+            && self.counters.in_flight.load(Ordering::Relaxed) >= self.max_in_flight
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.counters.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Passive health: rest for `base` doubled per consecutive failure (max 8x).
+    pub fn record_failure(&self, base: Duration) {
+        let n = self
+            .counters
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .min(3);
+        let rest = base.as_millis() as u64 * (1u64 << n);
+        self.counters
+            .ejected_until_ms
+            .store(now_ms() + rest, Ordering::Relaxed);
+    }
+
+    pub fn record_success(&self) {
+        if self.counters.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.counters
+                .consecutive_failures
+                .store(0, Ordering::Relaxed);
+            self.counters.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn clock_origin() -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Monotonic milliseconds, cheap enough for every request.
+pub fn now_ms() -> u64 {
+    clock_origin().elapsed().as_millis() as u64
+}
+
+impl Table {
+    pub fn empty() -> Self {
+        Table::build(GatewayConfig::default(), None).expect("empty config is valid")
+    }
+
+    /// Compile a config; `previous` lends its backend counters.
+    pub fn build(config: GatewayConfig, previous: Option<&Table>) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let version = config.effective_version();
+        let mut backends = HashMap::new();
+        for b in &config.backends {
+            let timeouts = b.timeouts.unwrap_or(config.timeouts);
+            let old = previous
+                .and_then(|p| p.backends.get(&b.id))
+                .filter(|old| old.url == b.url.trim_end_matches('/'));
+            let counters = old.map(|o| o.counters.clone()).unwrap_or_default();
+            let client = match old.filter(|o| o.timeouts.connect_ms == timeouts.connect_ms) {
+                Some(o) => o.client.clone(),
+                None => upstream_client(timeouts.connect_ms)
+                    .map_err(|e| ConfigError::Invalid(format!("backends[{}]: {e}", b.id)))?,
+            };
+            let api_key = match &b.api_key_file {
+                None => None,
+                Some(path) => Some(read_api_key(path).map_err(|e| {
+                    ConfigError::Invalid(format!("backends[{}]: apiKeyFile: {e}", b.id))
+                })?),
+            };
+            backends.insert(
+                b.id.clone(),
+                Arc::new(Backend {
+                    id: b.id.clone(),
+                    url: b.url.trim_end_matches('/').to_owned(),
+                    sidecar: b
+                        .sidecar
+                        .as_ref()
+                        .map(|s| s.trim_end_matches('/').to_owned()),
+                    attestation: b.attestation,
+                    max_in_flight: b.max_in_flight,
+                    timeouts,
+                    api_key,
+                    id_hash: xxhash_rust::xxh3::xxh3_64(b.id.as_bytes()),
+                    counters,
+                    client,
+                }),
+            );
+        }
+        let mut models = HashMap::new();
+        for m in &config.models {
+            let targets: Vec<RouteTarget> = m
+                .targets
+                .iter()
+                .map(|t| RouteTarget {
+                    backend: backends[&t.backend].clone(),
+                    upstream_model: t.upstream_model.clone().unwrap_or_else(|| m.name.clone()),
+                    weight: t.weight,
+                })
+                .collect();
+            let route = Arc::new(Route {
+                name: m.name.clone(),
+                strategy: m.strategy,
+                sticky: m.sticky.clone(),
+                total_weight: targets.iter().map(|t| t.weight as u64).sum(),
+                targets,
+                cursor: AtomicUsize::new(0),
+            });
+            for n in std::iter::once(&m.name).chain(&m.aliases) {
+                models.insert(n.clone(), route.clone());
+            }
+        }
+        let mut keys = HashMap::new();
+        for k in &config.keys {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&k.sha256, &mut hash)
+                .map_err(|_| ConfigError::Invalid(format!("keys[{}]: bad sha256", k.id)))?;
+            let all_models = k.models.iter().any(|m| m == "*");
+            let allowed = k
+                .models
+                .iter()
+                .filter_map(|m| models.get(m).map(|r: &Arc<Route>| r.name.clone()))
+                .collect();
+            keys.insert(
+                hash,
+                Arc::new(KeyEntry {
+                    id: k.id.clone(),
+                    hash,
+                    admin: k.admin,
+                    all_models,
+                    models: allowed,
+                }),
+            );
+        }
+        Ok(Table {
+            limits: config.limits,
+            config: Arc::new(config),
+            version,
+            keys,
+            models,
+            backends,
+        })
+    }
+
+    pub fn key(&self, hash: &[u8; 32]) -> Option<&Arc<KeyEntry>> {
+        self.keys.get(hash)
+    }
+
+    pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
+        self.models.get(model)
+    }
+
+    /// Public names (not aliases) in config order, for `/v1/models`.
+    pub fn public_models(&self) -> impl Iterator<Item = &str> {
+        self.config.models.iter().map(|m| m.name.as_str())
+    }
+}
+
+/// HTTP/1.1 with Nagle off: a streamed token must not wait 40 ms for an ACK.
+pub fn upstream_client(connect_ms: u64) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(connect_ms))
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .no_proxy()
+        .http1_only()
+        .build()
+}
+
+fn read_api_key(path: &str) -> Result<HeaderValue, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    HeaderValue::from_str(&format!("Bearer {}", text.trim()))
+        .map(|mut v| {
+            v.set_sensitive(true);
+            v
+        })
+        .map_err(|_| "not a valid header value".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::hash_key;
+
+    fn config(url: &str) -> GatewayConfig {
+        GatewayConfig::from_yaml(&format!(
+            r#"
+keys:
+  - {{ id: a, sha256: "{}", models: [alias] }}
+  - {{ id: b, sha256: "{}" }}
+backends:
+  - {{ id: b0, url: "{url}/" }}
+models:
+  - {{ name: m, aliases: [alias], targets: [{{ backend: b0, upstreamModel: up }}] }}
+  - {{ name: other, targets: [{{ backend: b0 }}] }}
+"#,
+            hash_key("key-a"),
+            hash_key("key-b")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn aliases_resolve_to_the_route_and_key_permissions_use_public_names() {
+        let t = Table::build(config("http://x"), None).unwrap();
+        let route = t.route("alias").unwrap();
+        assert_eq!(route.name, "m");
+        assert_eq!(route.targets[0].upstream_model, "up");
+        assert_eq!(t.route("other").unwrap().targets[0].upstream_model, "other");
+        assert_eq!(route.targets[0].backend.url, "http://x");
+
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(hash_key("key-a"), &mut h).unwrap();
+        let a = t.key(&h).unwrap();
+        assert!(a.may_use(route));
+        assert!(!a.may_use(t.route("other").unwrap()));
+    }
+
+    #[test]
+    fn counters_survive_a_swap_only_for_the_same_backend() {
+        let old = Table::build(config("http://x"), None).unwrap();
+        old.backends["b0"]
+            .counters
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        let same = Table::build(config("http://x"), Some(&old)).unwrap();
+        assert_eq!(same.backends["b0"].in_flight(), 1);
+        let moved = Table::build(config("http://y"), Some(&old)).unwrap();
+        assert_eq!(moved.backends["b0"].in_flight(), 0);
+    }
+
+    #[test]
+    fn ejection_backs_off_and_success_clears_it() {
+        let t = Table::build(config("http://x"), None).unwrap();
+        let b = &t.backends["b0"];
+        b.record_failure(Duration::from_secs(60));
+        assert!(b.is_ejected(now_ms()));
+        b.record_success();
+        assert!(!b.is_ejected(now_ms()));
+    }
+}
