@@ -3,12 +3,16 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::json;
+
+use crate::attest::Algo;
+use crate::metrics::AlgoLabels;
 
 use crate::error::ApiError;
 use crate::metrics::ReasonLabels;
@@ -21,6 +25,17 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
+        .route("/v1/signature/{id}", get(signature))
+        .route("/v1/internal/owner/{id}", get(owner))
+        .route(
+            "/v1/responses/{id}",
+            get(crate::responses::get_response).delete(crate::responses::delete_response),
+        )
+        .route(
+            "/v1/responses/{id}/cancel",
+            post(crate::responses::cancel_response),
+        )
+        .route("/v1/attestation/report", get(report))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -71,4 +86,160 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+#[derive(Deserialize)]
+struct SignatureQuery {
+    signing_algo: Option<String>,
+}
+
+/// Response ids are opaque tokens; anything else (slashes, dots-dots,
+/// control bytes) is refused before it is used as a key anywhere.
+pub fn valid_id(id: &str) -> bool {
+    (1..=256).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && !id.contains("..")
+}
+
+async fn signature(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<SignatureQuery>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let key = crate::auth::authenticate(&s.table.load(), &headers)?;
+    let algo = match q.signing_algo.as_deref() {
+        None => Algo::Ecdsa,
+        Some(a) => Algo::parse(a).ok_or_else(|| {
+            ApiError::invalid(
+                "signing_algo must be `ecdsa` or `ed25519`.",
+                Some("signing_algo"),
+            )
+        })?,
+    };
+    if !valid_id(&id) {
+        return Err(ApiError::invalid("Malformed response id.", Some("id")));
+    }
+    // Someone else's record looks exactly like a missing one.
+    let not_found = || ApiError::NotFound(format!("No signature for id `{id}`."));
+    let Some(record) = s.records.get(&id) else {
+        // Signed elsewhere: by the sidecar this one forwarded to, or one
+        // that served the request directly.
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or(uri.path());
+        return crate::responses::from_peers(&s, &id, path, &headers)
+            .await
+            .ok_or_else(not_found);
+    };
+    if record.key_id != key.id && !key.admin {
+        return Err(not_found());
+    }
+    if let Some(reason) = record.unsigned {
+        return Err(ApiError::NotSigned(reason.message()));
+    }
+    let (sig, made) = record.signature(&s.signer, algo);
+    if made {
+        s.metrics
+            .signatures
+            .get_or_create(&AlgoLabels {
+                algo: algo_label(algo),
+            })
+            .inc();
+    }
+    Ok(Json(json!({
+        "text": record.text,
+        "signature": sig,
+        "signing_address": s.signer.identity(algo),
+        "signing_algo": algo,
+    }))
+    .into_response())
+}
+
+fn algo_label(algo: Algo) -> &'static str {
+    match algo {
+        Algo::Ecdsa => "ecdsa",
+        Algo::Ed25519 => "ed25519",
+    }
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    nonce: Option<String>,
+}
+
+/// Proof that this process holds its keys now: the caller's nonce inside a
+/// statement signed by both keys, plus a TEE quote where one exists.
+async fn report(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, ApiError> {
+    crate::auth::authenticate(&s.table.load(), &headers)?;
+    let nonce = match q.nonce {
+        Some(n)
+            if (1..=128).contains(&n.len())
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            n
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "nonce must be 1 to 128 characters of [A-Za-z0-9_-].",
+                Some("nonce"),
+            ))
+        }
+        None => {
+            let mut n = [0u8; 16];
+            getrandom::getrandom(&mut n).expect("OS randomness");
+            hex::encode(n)
+        }
+    };
+    let signer = &s.signer;
+    let statement = format!(
+        "infergate-attestation-report:v1:nonce={nonce}:signing_address={}:ed25519_public_key={}",
+        signer.address, signer.ed25519_public
+    );
+    let tee = crate::attest::tee_quote(s.tee.as_ref(), &nonce).await;
+    Ok(Json(json!({
+        "signing_address": signer.address,
+        "ed25519_public_key": signer.ed25519_public,
+        "signing_algos": ["ecdsa", "ed25519"],
+        "nonce": nonce,
+        "statement": statement,
+        "signatures": {
+            "ecdsa": signer.sign_ecdsa(&statement),
+            "ed25519": signer.sign_ed25519(&statement),
+        },
+        "tee": tee,
+    }))
+    .into_response())
+}
+
+/// For peers only (a hop): which backend here produced `id`, if this
+/// sidecar served it and the caller's key made it.
+async fn owner(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let key = crate::auth::authenticate(&s.table.load(), &headers)?;
+    let not_found = || ApiError::NotFound(format!("No response `{id}` here."));
+    if !headers.contains_key(crate::peers::HOP) || !valid_id(&id) {
+        return Err(not_found());
+    }
+    let owner = s
+        .owners
+        .get(&id)
+        .filter(|o| o.via.is_none())
+        .ok_or_else(not_found)?;
+    if owner.key_id != key.id && !key.admin {
+        return Err(not_found());
+    }
+    Ok(Json(json!({"backend": owner.backend, "key_id": owner.key_id})).into_response())
 }

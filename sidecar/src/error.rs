@@ -34,6 +34,8 @@ pub enum ApiError {
     UpstreamTimeout(&'static str),
     #[error("Method not allowed.")]
     MethodNotAllowed,
+    #[error("{0}")]
+    NotSigned(&'static str),
 }
 
 impl ApiError {
@@ -49,7 +51,7 @@ impl ApiError {
         match self {
             MissingKey | InvalidKey | AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed(_) => StatusCode::FORBIDDEN,
-            ModelNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
+            ModelNotFound(_) | NotFound(_) | NotSigned(_) => StatusCode::NOT_FOUND,
             InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -75,6 +77,7 @@ impl ApiError {
             Upstream(_) => "upstream_error",
             UpstreamTimeout(_) => "upstream_timeout",
             MethodNotAllowed => "method_not_allowed",
+            NotSigned(_) => "signature_unavailable",
         }
     }
 

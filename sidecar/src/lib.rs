@@ -6,12 +6,15 @@
 
 pub mod admin;
 pub mod api;
+pub mod attest;
 pub mod auth;
 pub mod balance;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod peers;
 pub mod proxy;
+pub mod responses;
 pub mod sim;
 pub mod sse;
 pub mod stream;
@@ -19,6 +22,7 @@ pub mod table;
 pub mod validate;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::http::StatusCode;
@@ -26,23 +30,53 @@ use sha2::{Digest, Sha256};
 
 pub use admin::admin_app;
 pub use api::app;
+use attest::{Record, Records, Signer, Unsigned};
 use config::{ConfigError, GatewayConfig};
 use metrics::{Metrics, ReasonLabels, VersionLabels};
-use stream::End;
+use peers::{Owner, Owners};
+use stream::{End, EndCause};
 use table::{Backend, KeyEntry, Table};
 
 pub struct AppState {
     /// Read with one atomic load per request; replaced whole on a swap.
     pub table: ArcSwap<Table>,
     pub metrics: Metrics,
+    pub signer: Signer,
+    pub records: Records,
+    pub tee: Option<TeeSource>,
+    /// Response id -> the backend (and sidecar) that produced it.
+    pub owners: Owners,
+    /// This sidecar's public URL as other sidecars reach it; backends whose
+    /// `sidecar` is this URL are local.
+    pub self_url: Option<String>,
+    /// For talking to peer sidecars (signature and owner look-ups).
+    pub peer_client: reqwest::Client,
     admin_token_sha256: Option<[u8; 32]>,
     /// Serialises swaps (never taken on the request path).
     swap_lock: Mutex<()>,
 }
 
+#[derive(Default)]
 pub struct Options {
     /// Bearer token for the admin config endpoints; none disables them.
     pub admin_token: Option<String>,
+    /// Signing keys; generated at start when none are given.
+    pub signer: Option<Signer>,
+    /// Where a TEE quote comes from, if this machine has one.
+    pub tee: Option<TeeSource>,
+    /// How many answer records to keep, and for how long.
+    pub records_capacity: Option<u64>,
+    pub records_ttl: Option<Duration>,
+    /// See `AppState::self_url`.
+    pub self_url: Option<String>,
+}
+
+/// A TEE quote for `/v1/attestation/report`: a file's contents, or the
+/// output of a command that receives the nonce in `INFERGATE_NONCE`.
+#[derive(Debug, Clone)]
+pub enum TeeSource {
+    File(std::path::PathBuf),
+    Command(String),
 }
 
 impl AppState {
@@ -51,9 +85,30 @@ impl AppState {
             Some(c) => Table::build(c, None)?,
             None => Table::empty(),
         };
+        let signer = options.signer.unwrap_or_else(|| {
+            let s = Signer::generate();
+            tracing::warn!(
+                signing_address = %s.address,
+                ed25519_public_key = %s.ed25519_public,
+                "no signing keys configured: generated fresh ones for this process"
+            );
+            s
+        });
         let state = AppState {
             table: ArcSwap::from_pointee(Table::empty()),
             metrics: Metrics::default(),
+            signer,
+            records: Records::new(
+                options.records_capacity.unwrap_or(100_000),
+                options.records_ttl.unwrap_or(Duration::from_secs(3600)),
+            ),
+            tee: options.tee,
+            owners: Owners::new(
+                options.records_capacity.unwrap_or(100_000),
+                options.records_ttl.unwrap_or(Duration::from_secs(3600)),
+            ),
+            self_url: options.self_url.map(|u| u.trim_end_matches('/').to_owned()),
+            peer_client: table::upstream_client(2_000).expect("static client settings are valid"),
             admin_token_sha256: options
                 .admin_token
                 .map(|t| Sha256::digest(t.trim().as_bytes()).into()),
@@ -110,14 +165,78 @@ impl AppState {
         self.table.load().version.clone()
     }
 
-    /// Called once per answered request when its body ended.
+    /// Called once per answered request when its body ended, before the
+    /// client sees the terminal event: keep what a signature needs.
     fn record_answer(
         &self,
-        _key: &KeyEntry,
-        _backend: &Backend,
-        _status: StatusCode,
-        _request_sha256: [u8; 32],
-        _end: &End,
+        key: &KeyEntry,
+        backend: &Backend,
+        via: Option<&str>,
+        status: StatusCode,
+        request_sha256: [u8; 32],
+        end: &End,
     ) {
+        let Some(id) = &end.scan.id else { return };
+        self.owners.remember(
+            id.clone(),
+            Owner {
+                backend: backend.id.clone(),
+                via: via.map(str::to_owned),
+                key_id: key.id.clone(),
+            },
+        );
+        if via.is_some() {
+            // The sidecar next to the model keeps the record and signs.
+            return;
+        }
+        let unsigned = if !status.is_success() {
+            Some(Unsigned::ErrorStatus)
+        } else if end.cause != EndCause::Completed {
+            Some(Unsigned::Incomplete)
+        } else if !backend.attestation {
+            Some(Unsigned::NotAttested)
+        } else {
+            None
+        };
+        self.records.insert(
+            id.clone(),
+            Record::new(
+                key.id.clone(),
+                &request_sha256,
+                &end.response_sha256,
+                unsigned,
+            ),
+        );
+    }
+}
+
+impl AppState {
+    /// Who produced response `id`: remembered here, or learnt from a peer
+    /// (never when this request is itself a hop, so look-ups do not bounce).
+    pub async fn find_owner(&self, id: &str, headers: &axum::http::HeaderMap) -> Option<Owner> {
+        if let Some(o) = self.owners.get(id) {
+            return Some(o);
+        }
+        if headers.contains_key(peers::HOP) {
+            return None;
+        }
+        let table = self.table.load_full();
+        let peer_list = peers::peers(&table, self.self_url.as_deref());
+        let hdrs = peers::peer_headers(headers, self.self_url.as_deref());
+        let path = format!("/v1/internal/owner/{id}");
+        let (_, _, body) = peers::ask(&self.peer_client, &peer_list, &path, &hdrs).await?;
+        #[derive(serde::Deserialize)]
+        struct Found {
+            backend: String,
+            key_id: String,
+        }
+        let found: Found = serde_json::from_slice(&body).ok()?;
+        let owner = Owner {
+            backend: found.backend,
+            via: None,
+            key_id: found.key_id,
+        };
+        self.owners.remember(id.to_owned(), owner.clone());
+        Some(owner)
     }
 }

@@ -1,1 +1,246 @@
-fn main() {}
+//! `infergate-sidecar`: serve the gateway from a YAML file (hot-reloaded) or
+//! from configs pushed by the operator; `demo` runs it with simulators.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::serve::ListenerExt;
+use clap::{Parser, Subcommand};
+use infergate_sidecar::attest::Signer;
+use infergate_sidecar::config::GatewayConfig;
+use infergate_sidecar::{admin_app, app, AppState, Options, TeeSource};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(version, about = "infergate gateway sidecar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run with the bundled example config and two built-in vLLM simulators.
+    Demo,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// YAML config file; re-read when it changes.
+    #[arg(long, env = "INFERGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Public listener (OpenAI API).
+    #[arg(long, env = "INFERGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Admin listener (config push, metrics, health); keep it off public networks.
+    #[arg(long, env = "INFERGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+    /// File holding the admin bearer token; without it config push is refused.
+    #[arg(long, env = "INFERGATE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Signing key for ECDSA secp256k1 (64 hex chars); generated if absent.
+    #[arg(long, env = "INFERGATE_ECDSA_KEY_FILE", requires = "ed25519_key_file")]
+    ecdsa_key_file: Option<PathBuf>,
+    /// Signing key (seed) for Ed25519 (64 hex chars); generated if absent.
+    #[arg(long, env = "INFERGATE_ED25519_KEY_FILE", requires = "ecdsa_key_file")]
+    ed25519_key_file: Option<PathBuf>,
+    /// File holding this machine's TEE quote, for the attestation report.
+    #[arg(
+        long,
+        env = "INFERGATE_TEE_QUOTE_FILE",
+        conflicts_with = "tee_quote_command"
+    )]
+    tee_quote_file: Option<PathBuf>,
+    /// Shell command printing a TEE quote; it gets the nonce in INFERGATE_NONCE.
+    #[arg(long, env = "INFERGATE_TEE_QUOTE_COMMAND")]
+    tee_quote_command: Option<String>,
+    /// This sidecar's public URL as peers reach it (e.g. http://$POD_IP:8080):
+    /// backends whose `sidecar` is this URL are served here, others are
+    /// forwarded to their own sidecar.
+    #[arg(long, env = "INFERGATE_SELF_URL")]
+    self_url: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "INFERGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+const DEMO_CONFIG: &str = include_str!("../../examples/sidecar.yaml");
+/// The example config holds only this key's hash; printed for the demo.
+const DEMO_KEY: &str = "ig-demo-0123456789abcdef";
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.serve.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Some(Command::Demo) => demo().await,
+            None => serve(cli.serve).await,
+        }
+    })
+}
+
+fn init_tracing(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => Some(load(path)?),
+        None => None,
+    };
+    let admin_token = match &args.admin_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading admin token file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let signer = match (&args.ecdsa_key_file, &args.ed25519_key_file) {
+        (Some(e), Some(d)) => Some(Signer::from_files(e, d)?),
+        _ => None,
+    };
+    let tee = match (args.tee_quote_file, args.tee_quote_command) {
+        (Some(f), _) => Some(TeeSource::File(f)),
+        (None, Some(c)) => Some(TeeSource::Command(c)),
+        (None, None) => None,
+    };
+    let options = Options {
+        admin_token,
+        signer,
+        tee,
+        self_url: args.self_url,
+        ..Options::default()
+    };
+    let state = AppState::new(config, options)?;
+    if let Some(path) = args.config.clone() {
+        tokio::spawn(watch(state.clone(), path));
+    }
+    run(state, args.listen, args.admin_listen).await
+}
+
+fn load(path: &Path) -> anyhow::Result<GatewayConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    Ok(GatewayConfig::from_yaml(&text).with_context(|| format!("config {}", path.display()))?)
+}
+
+/// Poll rather than inotify: ConfigMap volumes swap a symlink, which
+/// file-event watchers miss; one read a second costs nothing.
+async fn watch(state: Arc<AppState>, path: PathBuf) {
+    let digest = |p: &Path| std::fs::read(p).ok().map(|b| Sha256::digest(b));
+    let mut last = digest(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = digest(&path);
+        if now.is_none() || now == last {
+            continue;
+        }
+        last = now;
+        match load(&path).map(|c| state.swap(c)) {
+            Ok(Ok(version)) => tracing::info!(%version, "config file reloaded"),
+            Ok(Err(e)) => tracing::error!(error = %e, "config file rejected; keeping the old one"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "config file rejected; keeping the old one")
+            }
+        }
+    }
+}
+
+async fn run(
+    state: Arc<AppState>,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+) -> anyhow::Result<()> {
+    let public = bind(listen).await?;
+    let admin = bind(admin_listen).await?;
+    println!(
+        "infergate-sidecar listening public=http://{} admin=http://{} version={}",
+        public.local_addr()?,
+        admin.local_addr()?,
+        state.current_version()
+    );
+    let public_app = app(state.clone());
+    let admin_router = admin_app(state);
+    let nodelay = |l: TcpListener| {
+        l.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    };
+    let public = axum::serve(nodelay(public), public_app).with_graceful_shutdown(shutdown());
+    let admin = axum::serve(nodelay(admin), admin_router).with_graceful_shutdown(shutdown());
+    tokio::try_join!(public.into_future(), admin.into_future())?;
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+async fn shutdown() {
+    let term = async {
+        #[cfg(unix)]
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: no new connections, finishing streams in flight");
+}
+
+async fn demo() -> anyhow::Result<()> {
+    use infergate_sidecar::sim::{self, SimConfig};
+    let config = GatewayConfig::from_yaml(DEMO_CONFIG)?;
+    for backend in &config.backends {
+        let addr: SocketAddr = backend
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .with_context(|| format!("demo backend url {}", backend.url))?;
+        let listener = bind(addr).await?;
+        let cfg = SimConfig {
+            id: backend.id.clone(),
+            models: vec!["meta-llama/Llama-3.1-8B-Instruct".into()],
+            tokens: 24,
+            delay: Duration::from_millis(20),
+            ..SimConfig::default()
+        };
+        tokio::spawn(sim::serve(listener, cfg));
+    }
+    let state = AppState::new(Some(config), Options::default())?;
+    let listen: SocketAddr = "127.0.0.1:8080".parse()?;
+    println!("demo: two vLLM simulators behind the gateway; API key (demo only): {DEMO_KEY}");
+    println!(
+        "try:\n  curl -sN http://{listen}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' \
+         -H 'Content-Type: application/json' \
+         -d '{{\"model\":\"llama\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
+    );
+    println!("  curl -s http://{listen}/v1/models -H 'Authorization: Bearer {DEMO_KEY}'");
+    run(state, listen, "127.0.0.1:9090".parse()?).await
+}

@@ -31,6 +31,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlgoLabels {
+    pub algo: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -44,6 +49,7 @@ pub struct Metrics {
     pub stream_ends: Family<ReasonLabels, Counter>,
     pub config_swaps: Family<ReasonLabels, Counter>,
     pub config_version: Family<VersionLabels, Gauge>,
+    pub signatures: Family<AlgoLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,6 +63,7 @@ impl Default for Metrics {
             stream_ends: Family::default(),
             config_swaps: Family::default(),
             config_version: Family::default(),
+            signatures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,6 +100,11 @@ impl Default for Metrics {
             "config_version_info",
             "1 for the config version in use",
             m.config_version.clone(),
+        );
+        registry.register(
+            "signatures",
+            "Signatures made (lazily, on first look-up) by algorithm",
+            m.signatures.clone(),
         );
         Metrics { registry, ..m }
     }

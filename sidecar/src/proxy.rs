@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::balance::{self, Tried};
 use crate::error::ApiError;
 use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, RequestLabels};
+use crate::peers;
 use crate::sse;
 use crate::stream::{error_kind, End, EndCause, Observed, OnEnd};
 use crate::table::{now_ms, Backend, KeyEntry, Route, RouteTarget, Table};
@@ -54,13 +55,22 @@ pub async fn forward(
     if !key.may_use(route) {
         return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
     }
-    let session = session_key(route, &headers, &parsed);
     let request_sha256: [u8; 32] = Sha256::digest(&body).into();
+    let hop = headers.contains_key(peers::HOP);
+    let pinned = pinned_target(&state, route, &headers, &parsed, hop).await?;
+    let session = session_key(route, &headers, &parsed);
 
     let mut tried = Tried::default();
     let mut last_error = None;
-    for _ in 0..route.targets.len().min(MAX_ATTEMPTS) {
-        let Some(i) = balance::pick(route, session, tried, now_ms()) else {
+    // A pinned request (a hop, or a follow-up whose state lives on one
+    // backend) has exactly one place to go.
+    let attempts = if pinned.is_some() {
+        1
+    } else {
+        route.targets.len().min(MAX_ATTEMPTS)
+    };
+    for _ in 0..attempts {
+        let Some(i) = pinned.or_else(|| balance::pick(route, session, tried, now_ms())) else {
             break;
         };
         tried.add(i);
@@ -69,10 +79,19 @@ pub async fn forward(
             last_error = Some(ApiError::NoBackend(route.name.clone()));
             continue;
         };
-        let upstream_body = validate::with_model(&body, &parsed, &target.upstream_model);
+        let via = if hop {
+            None
+        } else {
+            peers::remote(target.backend.sidecar.as_deref(), state.self_url.as_deref())
+        };
+        let upstream_body = match via {
+            // The peer gets the client's bytes; it resolves the alias itself.
+            Some(_) => body.clone(),
+            None => validate::with_model(&body, &parsed, &target.upstream_model),
+        };
         let started = Instant::now();
-        match send(target, endpoint, &headers, upstream_body).await {
-            Ok(resp) if resp.status().is_server_error() => {
+        match send(&state, target, via, endpoint, &headers, upstream_body).await {
+            Ok(resp) if resp.status().is_server_error() && via.is_none() => {
                 let status = resp.status();
                 fail(&state, &table, &target.backend, "status_5xx");
                 last_error = Some(ApiError::Upstream(format!(
@@ -88,6 +107,7 @@ pub async fn forward(
                     key,
                     model: route.name.clone(),
                     backend: target.backend.clone(),
+                    via: via.map(str::to_owned),
                     status: resp.status(),
                     request_sha256,
                     started,
@@ -102,6 +122,38 @@ pub async fn forward(
         }
     }
     Err(last_error.unwrap_or_else(|| ApiError::NoBackend(route.name.clone())))
+}
+
+/// The one target this request must go to, if any: the backend a peer
+/// chose (on a hop), or the owner of `previous_response_id`.
+async fn pinned_target(
+    state: &AppState,
+    route: &Route,
+    headers: &HeaderMap,
+    parsed: &Parsed,
+    hop: bool,
+) -> Result<Option<usize>, ApiError> {
+    let position = |backend: &str| route.targets.iter().position(|t| t.backend.id == backend);
+    if hop {
+        if let Some(pin) = headers.get(peers::PIN).and_then(|v| v.to_str().ok()) {
+            return position(pin)
+                .map(Some)
+                .ok_or_else(|| ApiError::NoBackend(route.name.clone()));
+        }
+    }
+    let Some(previous) = parsed
+        .previous_response_id
+        .as_deref()
+        .filter(|_| route.sticky.previous_response_id)
+    else {
+        return Ok(None);
+    };
+    // Unknown everywhere: rendezvous on the id still gives every replica
+    // the same answer, and the backend says 404 if it has no such state.
+    Ok(state
+        .find_owner(previous, headers)
+        .await
+        .and_then(|owner| position(&owner.backend)))
 }
 
 /// The first sticky source present in the request, in the route's order.
@@ -142,13 +194,15 @@ fn fail(state: &AppState, table: &Table, backend: &Backend, kind: &'static str) 
 type SendError = (&'static str, ApiError);
 
 async fn send(
+    state: &AppState,
     target: &RouteTarget,
+    via: Option<&str>,
     endpoint: Endpoint,
     client_headers: &HeaderMap,
     body: Bytes,
 ) -> Result<reqwest::Response, SendError> {
     let backend = &target.backend;
-    let mut headers = HeaderMap::with_capacity(client_headers.len());
+    let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
     for (name, value) in client_headers {
         if forwardable(name) {
             headers.append(name.clone(), value.clone());
@@ -158,12 +212,27 @@ async fn send(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Some(key) = &backend.api_key {
-        headers.insert(header::AUTHORIZATION, key.clone());
-    }
+    let base = match via {
+        Some(peer) => {
+            headers.extend(peers::peer_headers(
+                client_headers,
+                state.self_url.as_deref(),
+            ));
+            if let Ok(pin) = HeaderValue::from_str(&backend.id) {
+                headers.insert(peers::PIN, pin);
+            }
+            peer
+        }
+        None => {
+            if let Some(key) = &backend.api_key {
+                headers.insert(header::AUTHORIZATION, key.clone());
+            }
+            &backend.url
+        }
+    };
     let request = backend
         .client()
-        .post(format!("{}{}", backend.url, endpoint.path()))
+        .post(format!("{base}{}", endpoint.path()))
         .headers(headers)
         .body(body)
         .send();
@@ -208,6 +277,8 @@ fn forwardable(name: &HeaderName) -> bool {
             | "proxy-authorization"
             | "proxy-connection"
             | "accept-encoding"
+            | "x-infergate-hop"
+            | "x-infergate-backend-pin"
     )
 }
 
@@ -312,6 +383,8 @@ pub struct Exchange {
     key: Arc<KeyEntry>,
     model: String,
     backend: Arc<Backend>,
+    /// The peer sidecar this went through, when not served here.
+    via: Option<String>,
     status: StatusCode,
     request_sha256: [u8; 32],
     started: Instant,
@@ -356,6 +429,7 @@ impl OnEnd for Exchange {
         self.state.record_answer(
             &self.key,
             &self.backend,
+            self.via.as_deref(),
             self.status,
             self.request_sha256,
             &end,

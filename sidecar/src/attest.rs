@@ -1,0 +1,343 @@
+//! Verifiable answers: every completed answer leaves a record of
+//! `sha256(request bytes)` and `sha256(response bytes)`; the text
+//! `<req hex>:<resp hex>` is signed with ECDSA secp256k1 (Ethereum
+//! personal-sign form) and Ed25519 on the first look-up, not on the hot path
+//! (the two signatures cost more CPU than proxying the request did).
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ed25519_dalek::Signer as _;
+use k256::ecdsa::SigningKey as EcdsaKey;
+use serde::Serialize;
+use sha3::{Digest as _, Keccak256};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    Ecdsa,
+    Ed25519,
+}
+
+impl Algo {
+    pub fn parse(s: &str) -> Option<Algo> {
+        match s {
+            "ecdsa" => Some(Algo::Ecdsa),
+            "ed25519" => Some(Algo::Ed25519),
+            _ => None,
+        }
+    }
+}
+
+/// The two signing keys of this sidecar.
+pub struct Signer {
+    ecdsa: EcdsaKey,
+    ed25519: ed25519_dalek::SigningKey,
+    /// `0x` + 20-byte Ethereum address of the ECDSA key.
+    pub address: String,
+    /// Hex Ed25519 public key.
+    pub ed25519_public: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} must hold 32 bytes as 64 hex characters")]
+    Format(String),
+    #[error("{0} is not a valid secp256k1 secret key")]
+    Ecdsa(String),
+}
+
+impl Signer {
+    pub fn from_secrets(ecdsa: [u8; 32], ed25519: [u8; 32]) -> Result<Self, KeyError> {
+        let ecdsa =
+            EcdsaKey::from_bytes(&ecdsa.into()).map_err(|_| KeyError::Ecdsa("key".into()))?;
+        let ed25519 = ed25519_dalek::SigningKey::from_bytes(&ed25519);
+        Ok(Signer {
+            address: eth_address(&ecdsa),
+            ed25519_public: hex::encode(ed25519.verifying_key().as_bytes()),
+            ecdsa,
+            ed25519,
+        })
+    }
+
+    /// Fresh random keys (when no key files are mounted).
+    pub fn generate() -> Self {
+        loop {
+            let mut a = [0u8; 32];
+            let mut b = [0u8; 32];
+            getrandom::getrandom(&mut a).expect("OS randomness");
+            getrandom::getrandom(&mut b).expect("OS randomness");
+            // A random scalar is out of range with probability ~2^-128.
+            if let Ok(s) = Signer::from_secrets(a, b) {
+                return s;
+            }
+        }
+    }
+
+    /// Keys from files of 64 hex characters (mounted Secrets).
+    pub fn from_files(ecdsa: &Path, ed25519: &Path) -> Result<Self, KeyError> {
+        let read = |p: &Path| -> Result<[u8; 32], KeyError> {
+            let text = std::fs::read_to_string(p).map_err(|source| KeyError::Read {
+                path: p.display().to_string(),
+                source,
+            })?;
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(text.trim().trim_start_matches("0x"), &mut out)
+                .map_err(|_| KeyError::Format(p.display().to_string()))?;
+            Ok(out)
+        };
+        Signer::from_secrets(read(ecdsa)?, read(ed25519)?)
+            .map_err(|_| KeyError::Ecdsa(ecdsa.display().to_string()))
+    }
+
+    /// `0x` + r || s || v (65 bytes, v = 27 + recovery id) over the
+    /// Ethereum personal-sign digest of `text`.
+    pub fn sign_ecdsa(&self, text: &str) -> String {
+        let digest = personal_sign_digest(text.as_bytes());
+        let (sig, recid) = self
+            .ecdsa
+            .sign_prehash_recoverable(&digest)
+            .expect("signing a 32-byte digest cannot fail");
+        let mut out = [0u8; 65];
+        out[..64].copy_from_slice(&sig.to_bytes());
+        out[64] = 27 + recid.to_byte();
+        format!("0x{}", hex::encode(out))
+    }
+
+    /// Hex Ed25519 signature (64 bytes) over the UTF-8 bytes of `text`.
+    pub fn sign_ed25519(&self, text: &str) -> String {
+        hex::encode(self.ed25519.sign(text.as_bytes()).to_bytes())
+    }
+
+    pub fn sign(&self, algo: Algo, text: &str) -> String {
+        match algo {
+            Algo::Ecdsa => self.sign_ecdsa(text),
+            Algo::Ed25519 => self.sign_ed25519(text),
+        }
+    }
+
+    /// Who signed, as a client compares it: the address or the public key.
+    pub fn identity(&self, algo: Algo) -> &str {
+        match algo {
+            Algo::Ecdsa => &self.address,
+            Algo::Ed25519 => &self.ed25519_public,
+        }
+    }
+}
+
+/// keccak256("\x19Ethereum Signed Message:\n" + len + message), EIP-191.
+pub fn personal_sign_digest(message: &[u8]) -> [u8; 32] {
+    let mut h = Keccak256::new();
+    h.update(format!("\x19Ethereum Signed Message:\n{}", message.len()).as_bytes());
+    h.update(message);
+    h.finalize().into()
+}
+
+fn eth_address(key: &EcdsaKey) -> String {
+    let point = key.verifying_key().to_encoded_point(false);
+    let hash = Keccak256::digest(&point.as_bytes()[1..]);
+    format!("0x{}", hex::encode(&hash[12..]))
+}
+
+/// Why an answer has no signature, said plainly to whoever asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsigned {
+    /// The backend is an external provider: nothing of ours to attest.
+    NotAttested,
+    /// The client left (or the stream failed) before the end.
+    Incomplete,
+    /// The upstream answered with an error status.
+    ErrorStatus,
+}
+
+impl Unsigned {
+    pub fn message(self) -> &'static str {
+        match self {
+            Unsigned::NotAttested => {
+                "This answer came from a backend with attestation disabled (an external provider); it has no signature."
+            }
+            Unsigned::Incomplete => {
+                "This answer did not reach its end (the client disconnected or the upstream failed), so it was not signed."
+            }
+            Unsigned::ErrorStatus => "This answer was an upstream error; errors are not signed.",
+        }
+    }
+}
+
+/// What is kept per response id. Signatures are made on the first look-up
+/// and then cached in the record.
+pub struct Record {
+    pub key_id: String,
+    pub text: String,
+    pub unsigned: Option<Unsigned>,
+    ecdsa: OnceLock<String>,
+    ed25519: OnceLock<String>,
+}
+
+impl Record {
+    pub fn new(
+        key_id: String,
+        request: &[u8; 32],
+        response: &[u8; 32],
+        unsigned: Option<Unsigned>,
+    ) -> Self {
+        let mut text = String::with_capacity(129);
+        text.push_str(&hex::encode(request));
+        text.push(':');
+        text.push_str(&hex::encode(response));
+        Record {
+            key_id,
+            text,
+            unsigned,
+            ecdsa: OnceLock::new(),
+            ed25519: OnceLock::new(),
+        }
+    }
+
+    /// The signature for `algo`, signing now if this is the first ask.
+    /// Returns whether it was made now (for the signatures counter).
+    pub fn signature(&self, signer: &Signer, algo: Algo) -> (&str, bool) {
+        let cell = match algo {
+            Algo::Ecdsa => &self.ecdsa,
+            Algo::Ed25519 => &self.ed25519,
+        };
+        let mut made = false;
+        let sig = cell.get_or_init(|| {
+            made = true;
+            signer.sign(algo, &self.text)
+        });
+        (sig, made)
+    }
+}
+
+/// Bounded, expiring store of records by response id.
+pub struct Records {
+    cache: moka::sync::Cache<String, Arc<Record>>,
+}
+
+impl Records {
+    pub fn new(capacity: u64, ttl: Duration) -> Self {
+        Records {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    pub fn insert(&self, id: String, record: Record) {
+        self.cache.insert(id, Arc::new(record));
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Record>> {
+        self.cache.get(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
+
+    fn signer() -> Signer {
+        Signer::from_secrets([7u8; 32], [9u8; 32]).unwrap()
+    }
+
+    #[test]
+    fn ecdsa_signature_recovers_to_the_signing_address() {
+        let s = signer();
+        let text = "ab:cd";
+        let sig = hex::decode(s.sign_ecdsa(text).trim_start_matches("0x")).unwrap();
+        assert_eq!(sig.len(), 65);
+        let recid = RecoveryId::from_byte(sig[64] - 27).unwrap();
+        let signature = Signature::from_slice(&sig[..64]).unwrap();
+        let key = VerifyingKey::recover_from_prehash(
+            &personal_sign_digest(text.as_bytes()),
+            &signature,
+            recid,
+        )
+        .unwrap();
+        let hash = Keccak256::digest(&key.to_encoded_point(false).as_bytes()[1..]);
+        assert_eq!(format!("0x{}", hex::encode(&hash[12..])), s.address);
+    }
+
+    #[test]
+    fn ethereum_address_matches_a_known_vector() {
+        // Private key 0x...01 is the generator point; its address is well known.
+        let mut one = [0u8; 32];
+        one[31] = 1;
+        let s = Signer::from_secrets(one, [1u8; 32]).unwrap();
+        assert_eq!(s.address, "0x7e5f4552091a69125d5dfcb7b8c2659029395bdf");
+    }
+
+    #[test]
+    fn ed25519_signature_verifies_and_tampering_fails() {
+        use ed25519_dalek::{Verifier, VerifyingKey};
+        let s = signer();
+        let sig = hex::decode(s.sign_ed25519("ab:cd")).unwrap();
+        let sig = ed25519_dalek::Signature::from_slice(&sig).unwrap();
+        let key =
+            VerifyingKey::from_bytes(&hex::decode(&s.ed25519_public).unwrap().try_into().unwrap())
+                .unwrap();
+        assert!(key.verify(b"ab:cd", &sig).is_ok());
+        assert!(key.verify(b"ab:ce", &sig).is_err());
+    }
+
+    #[test]
+    fn records_sign_once_and_keep_the_signature() {
+        let s = signer();
+        let r = Record::new("k".into(), &[1; 32], &[2; 32], None);
+        assert_eq!(r.text.len(), 129);
+        let (first, made) = r.signature(&s, Algo::Ecdsa);
+        assert!(made);
+        let first = first.to_owned();
+        let (again, made) = r.signature(&s, Algo::Ecdsa);
+        assert!(!made);
+        assert_eq!(first, again);
+    }
+}
+
+/// The TEE section of the attestation report: the quote, or a plain "none".
+pub async fn tee_quote(source: Option<&crate::TeeSource>, nonce: &str) -> serde_json::Value {
+    use crate::TeeSource;
+    use serde_json::json;
+    let result = match source {
+        None => {
+            return json!({
+                "present": false,
+                "message": "No TEE quote source is configured on this sidecar; only the signing keys are attested."
+            })
+        }
+        Some(TeeSource::File(path)) => tokio::fs::read_to_string(path)
+            .await
+            .map(|q| ("file", q.trim().to_owned()))
+            .map_err(|e| format!("reading the quote file failed: {e}")),
+        Some(TeeSource::Command(cmd)) => {
+            let run = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .env("INFERGATE_NONCE", nonce)
+                .kill_on_drop(true)
+                .output();
+            match tokio::time::timeout(Duration::from_secs(10), run).await {
+                Ok(Ok(out)) if out.status.success() => Ok((
+                    "command",
+                    String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                )),
+                Ok(Ok(out)) => Err(format!("the quote command exited with {}", out.status)),
+                Ok(Err(e)) => Err(format!("the quote command could not run: {e}")),
+                Err(_) => Err("the quote command timed out".to_owned()),
+            }
+        }
+    };
+    match result {
+        Ok((kind, quote)) => json!({"present": true, "source": kind, "quote": quote}),
+        Err(message) => json!({"present": false, "message": message}),
+    }
+}

@@ -1,0 +1,141 @@
+//! Responses API follow-ups by id (`GET`, `DELETE`, `POST .../cancel`): the
+//! state lives on the backend that produced the response, so they go there,
+//! through its sidecar when that is another one.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, Response, StatusCode};
+use axum::response::IntoResponse;
+
+use crate::api::valid_id;
+use crate::error::ApiError;
+use crate::peers;
+use crate::AppState;
+
+pub async fn get_response(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response<Body>, ApiError> {
+    by_id(s, Method::GET, id, "", headers).await
+}
+
+pub async fn delete_response(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response<Body>, ApiError> {
+    by_id(s, Method::DELETE, id, "", headers).await
+}
+
+pub async fn cancel_response(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response<Body>, ApiError> {
+    by_id(s, Method::POST, id, "/cancel", headers).await
+}
+
+async fn by_id(
+    s: Arc<AppState>,
+    method: Method,
+    id: String,
+    suffix: &str,
+    headers: HeaderMap,
+) -> Result<Response<Body>, ApiError> {
+    let table = s.table.load_full();
+    let key = crate::auth::authenticate(&table, &headers)?;
+    if !valid_id(&id) {
+        return Err(ApiError::invalid("Malformed response id.", Some("id")));
+    }
+    let not_found = || ApiError::NotFound(format!("No response with id `{id}`."));
+    let owner = s.find_owner(&id, &headers).await.ok_or_else(not_found)?;
+    if owner.key_id != key.id && !key.admin {
+        return Err(not_found());
+    }
+    let backend = table.backends.get(&owner.backend).ok_or_else(not_found)?;
+    let path = format!("/v1/responses/{id}{suffix}");
+    let hop = headers.contains_key(peers::HOP);
+    let via = if hop {
+        None
+    } else {
+        peers::remote(backend.sidecar.as_deref(), s.self_url.as_deref())
+    };
+    let mut out = HeaderMap::new();
+    let url = match via {
+        Some(peer) => {
+            out = peers::peer_headers(&headers, s.self_url.as_deref());
+            format!("{peer}{path}")
+        }
+        None => {
+            if let Some(k) = &backend.api_key {
+                out.insert(header::AUTHORIZATION, k.clone());
+            }
+            format!("{}{path}", backend.url)
+        }
+    };
+    let resp = backend
+        .client()
+        .request(method, url)
+        .headers(out)
+        .timeout(std::time::Duration::from_millis(
+            backend.timeouts.first_byte_ms,
+        ))
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::Upstream(format!(
+                "backend {} unreachable ({})",
+                backend.id,
+                crate::stream::error_kind(&e)
+            ))
+        })?;
+    Ok(passthrough(resp).await)
+}
+
+/// Status, content type and body of an upstream answer, as they are.
+async fn passthrough(resp: reqwest::Response) -> Response<Body> {
+    let status = resp.status();
+    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    match resp.bytes().await {
+        Ok(body) => {
+            let mut out = (status, body).into_response();
+            if let Some(ct) = content_type {
+                out.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            out
+        }
+        Err(_) => ApiError::Upstream("backend connection failed mid-body".into()).into_response(),
+    }
+}
+
+/// A signature this sidecar does not hold: from the sidecar it forwarded
+/// the request to, or else from whichever peer has it. Never on a hop, so
+/// a look-up visits each sidecar at most once.
+pub async fn from_peers(
+    s: &AppState,
+    id: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+) -> Option<Response<Body>> {
+    if headers.contains_key(peers::HOP) {
+        return None;
+    }
+    let table = s.table.load_full();
+    let owner_via = s.owners.get(id).and_then(|o| o.via);
+    let all = peers::peers(&table, s.self_url.as_deref());
+    let ask: Vec<&str> = match &owner_via {
+        Some(v) => vec![v.as_str()],
+        None => all,
+    };
+    let hdrs = peers::peer_headers(headers, s.self_url.as_deref());
+    let (status, resp_headers, body) =
+        peers::ask(&s.peer_client, &ask, path_and_query, &hdrs).await?;
+    let mut out = (StatusCode::from_u16(status.as_u16()).ok()?, body).into_response();
+    if let Some(ct) = resp_headers.get(header::CONTENT_TYPE) {
+        out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
+    }
+    Some(out)
+}

@@ -1,0 +1,116 @@
+"""Cross-replica routing with the openai SDK: several sidecars with one config,
+each next to its own simulator. Follow-ups with previous_response_id reach the
+backend that holds the conversation whichever sidecar they hit, and a
+signature fetched from any sidecar verifies against the bytes received."""
+import hashlib
+import socket
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from conftest import KEY, gateway_config, start_sidecar, start_sim
+from test_attestation import Recording, verify_ecdsa, verify_ed25519
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two():
+    sims = [start_sim(f"sim-{i}") for i in range(2)]
+    ports = [free_port() for _ in range(2)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    config = gateway_config([s.url for s in sims], sidecars=urls)
+    sidecars = [
+        start_sidecar(config, ["--self-url", urls[i]], listen=f"127.0.0.1:{ports[i]}")
+        for i in range(2)
+    ]
+    yield sims, sidecars
+    for p in sims + sidecars:
+        p.stop()
+
+
+def client_for(sidecar, transport=None):
+    http = httpx.Client(transport=transport) if transport else None
+    return OpenAI(base_url=sidecar.url + "/v1", api_key=KEY, max_retries=0, http_client=http)
+
+
+def test_follow_ups_reach_the_owner_from_any_sidecar(two):
+    _, (a, b) = two
+    first = client_for(a).responses.create(model="m", input="start a conversation")
+    assert first.status == "completed"
+    previous = first.id
+    for i in range(6):
+        via = (a, b)[i % 2]
+        if i % 3 == 2:
+            events = list(client_for(via).responses.create(
+                model="m", input="and then?", previous_response_id=previous, stream=True))
+            assert events[0].type == "response.created"
+            assert events[-1].type == "response.completed"
+            previous = events[-1].response.id
+        else:
+            r = client_for(via).responses.create(
+                model="m", input="and then?", previous_response_id=previous)
+            assert r.previous_response_id == previous
+            previous = r.id
+
+
+def test_responses_get_and_delete_go_to_the_owner(two):
+    _, (a, b) = two
+    r = client_for(a).responses.create(model="m", input="keep me")
+    got = client_for(b).responses.retrieve(r.id)
+    assert got.id == r.id
+    client_for(b).responses.delete(r.id)
+    with pytest.raises(Exception):
+        client_for(a).responses.retrieve(r.id)
+
+
+def test_unknown_previous_response_id_is_a_clean_404(two):
+    _, (a, _) = two
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client_for(a).responses.create(model="m", input="x", previous_response_id="resp_nope")
+
+
+def test_signature_from_any_of_three_sidecars_verifies():
+    sims = [start_sim(f"sim-{i}") for i in range(2)]
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    config = gateway_config([s.url for s in sims], sidecars=urls[:2])
+    sidecars = [
+        start_sidecar(config, ["--self-url", urls[i]], listen=f"127.0.0.1:{ports[i]}")
+        for i in range(3)
+    ]
+    try:
+        rec = Recording()
+        # The third sidecar has no model of its own: it forwards every request.
+        stream = client_for(sidecars[2], rec).chat.completions.create(
+            model="m", stream=True, messages=[{"role": "user", "content": "forward me"}])
+        ids = {c.id for c in stream}
+        answer_id = ids.pop()
+        text = (hashlib.sha256(rec.sent[-1]).hexdigest() + ":"
+                + hashlib.sha256(b"".join(rec.received[-1])).hexdigest())
+        signers = set()
+        for s in sidecars:
+            for algo, verify in (("ecdsa", verify_ecdsa), ("ed25519", verify_ed25519)):
+                r = httpx.get(f"{s.url}/v1/signature/{answer_id}", params={"signing_algo": algo},
+                              headers={"Authorization": f"Bearer {KEY}"})
+                assert r.status_code == 200, r.text
+                sig = r.json()
+                assert sig["text"] == text
+                assert verify(sig["text"], sig["signature"], sig["signing_address"])
+                if algo == "ecdsa":
+                    signers.add(sig["signing_address"])
+        # One signer: the sidecar next to the model, not the forwarder.
+        assert len(signers) == 1
+        report = httpx.get(f"{sidecars[2].url}/v1/attestation/report",
+                           headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert report["signing_address"] not in signers
+    finally:
+        for p in sims + sidecars:
+            p.stop()
