@@ -18,6 +18,7 @@ use crate::AppState;
 pub fn admin_app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/admin/v1/config", get(get_config).put(put_config))
+        .route("/admin/v1/log-level", axum::routing::put(put_log_level))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -64,6 +65,22 @@ async fn put_config(
         .and_then(|c| s.swap(c))
         .map_err(|e| ApiError::invalid(format!("config rejected: {e}"), None))?;
     Ok(Json(json!({"version": version})).into_response())
+}
+
+async fn put_log_level(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Response, ApiError> {
+    check_token(&s, &headers)?;
+    let setter = s
+        .log_level
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("log level is fixed in this process", None))?;
+    let directive = body.trim();
+    setter(directive).map_err(|e| ApiError::invalid(format!("bad filter: {e}"), None))?;
+    tracing::info!(filter = directive, "log filter changed");
+    Ok(Json(json!({"filter": directive})).into_response())
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {

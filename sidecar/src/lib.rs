@@ -11,6 +11,7 @@ pub mod auth;
 pub mod balance;
 pub mod config;
 pub mod error;
+pub mod exchange;
 pub mod metrics;
 pub mod peers;
 pub mod proxy;
@@ -19,6 +20,7 @@ pub mod sim;
 pub mod sse;
 pub mod stream;
 pub mod table;
+pub mod usage;
 pub mod validate;
 
 use std::sync::{Arc, Mutex};
@@ -51,6 +53,9 @@ pub struct AppState {
     pub self_url: Option<String>,
     /// For talking to peer sidecars (signature and owner look-ups).
     pub peer_client: reqwest::Client,
+    /// Where usage records go, if anywhere.
+    pub usage: Option<usage::UsageLog>,
+    log_level: Option<LogLevelSetter>,
     admin_token_sha256: Option<[u8; 32]>,
     /// Serialises swaps (never taken on the request path).
     swap_lock: Mutex<()>,
@@ -69,7 +74,14 @@ pub struct Options {
     pub records_ttl: Option<Duration>,
     /// See `AppState::self_url`.
     pub self_url: Option<String>,
+    /// Usage records (JSON lines); needs a running tokio runtime.
+    pub usage: Option<usage::Sink>,
+    /// Changes the log filter at run time (`PUT /admin/v1/log-level`).
+    pub log_level: Option<LogLevelSetter>,
 }
+
+/// Applies a tracing filter directive such as `debug` or `infergate_sidecar=trace`.
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// A TEE quote for `/v1/attestation/report`: a file's contents, or the
 /// output of a command that receives the nonce in `INFERGATE_NONCE`.
@@ -109,6 +121,13 @@ impl AppState {
             ),
             self_url: options.self_url.map(|u| u.trim_end_matches('/').to_owned()),
             peer_client: table::upstream_client(2_000).expect("static client settings are valid"),
+            log_level: options.log_level,
+            usage: match options.usage {
+                Some(sink) => Some(usage::UsageLog::start(sink).map_err(|e| {
+                    ConfigError::Invalid(format!("usage sink cannot be opened: {e}"))
+                })?),
+                None => None,
+            },
             admin_token_sha256: options
                 .admin_token
                 .map(|t| Sha256::digest(t.trim().as_bytes()).into()),

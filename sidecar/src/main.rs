@@ -11,7 +11,7 @@ use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use infergate_sidecar::attest::Signer;
 use infergate_sidecar::config::GatewayConfig;
-use infergate_sidecar::{admin_app, app, AppState, Options, TeeSource};
+use infergate_sidecar::{admin_app, app, AppState, LogLevelSetter, Options, TeeSource};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
@@ -65,6 +65,9 @@ struct ServeArgs {
     /// forwarded to their own sidecar.
     #[arg(long, env = "INFERGATE_SELF_URL")]
     self_url: Option<String>,
+    /// Usage records as JSON lines: `stdout` or a file path.
+    #[arg(long, env = "INFERGATE_USAGE_LOG")]
+    usage_log: Option<infergate_sidecar::usage::Sink>,
     /// Log as JSON lines.
     #[arg(long, env = "INFERGATE_LOG_JSON")]
     log_json: bool,
@@ -76,14 +79,14 @@ const DEMO_KEY: &str = "ig-demo-0123456789abcdef";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.serve.log_json);
+    let log_level = init_tracing(cli.serve.log_json);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         match cli.command {
             Some(Command::Demo) => demo().await,
-            None => serve(cli.serve).await,
+            None => serve(cli.serve, log_level).await,
         }
     })
 }
@@ -101,7 +104,7 @@ fn init_tracing(json: bool) {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(path) => Some(load(path)?),
         None => None,
@@ -127,6 +130,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         signer,
         tee,
         self_url: args.self_url,
+        usage: args.usage_log,
+        log_level: Some(log_level),
         ..Options::default()
     };
     let state = AppState::new(config, options)?;

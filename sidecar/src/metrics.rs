@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,6 +32,18 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    /// The key's id from the config (never the key).
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AlgoLabels {
     pub algo: &'static str,
 }
@@ -42,6 +55,7 @@ pub struct VersionLabels {
 
 pub struct Metrics {
     registry: Registry,
+    // Families are cheap handles (Arc inside); clones are registered.
     pub requests: Family<RequestLabels, Counter>,
     pub rejected: Family<ReasonLabels, Counter>,
     pub upstream_errors: Family<ErrorLabels, Counter>,
@@ -50,6 +64,28 @@ pub struct Metrics {
     pub config_swaps: Family<ReasonLabels, Counter>,
     pub config_version: Family<VersionLabels, Gauge>,
     pub signatures: Family<AlgoLabels, Counter>,
+    pub ttft: Family<ModelLabels, Histogram>,
+    pub inter_token: Family<ModelLabels, Histogram>,
+    pub duration: Family<ModelLabels, Histogram>,
+    pub prompt_tokens: Family<TokenLabels, Counter>,
+    pub completion_tokens: Family<TokenLabels, Counter>,
+    pub usage_dropped: Counter,
+}
+
+type HistogramFactory = fn() -> Histogram;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 17,
+    ))
+}
+
+fn gap_histogram() -> Histogram {
+    // 0.1 ms .. ~3 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 15,
+    ))
 }
 
 impl Default for Metrics {
@@ -64,6 +100,12 @@ impl Default for Metrics {
             config_swaps: Family::default(),
             config_version: Family::default(),
             signatures: Family::default(),
+            ttft: Family::new_with_constructor(latency_histogram as HistogramFactory),
+            inter_token: Family::new_with_constructor(gap_histogram as HistogramFactory),
+            duration: Family::new_with_constructor(latency_histogram as HistogramFactory),
+            prompt_tokens: Family::default(),
+            completion_tokens: Family::default(),
+            usage_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -105,6 +147,36 @@ impl Default for Metrics {
             "signatures",
             "Signatures made (lazily, on first look-up) by algorithm",
             m.signatures.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From request received to the first streamed chunk, by model",
+            m.ttft.clone(),
+        );
+        registry.register(
+            "inter_token_latency_seconds",
+            "Mean gap between streamed chunks of one response, by model",
+            m.inter_token.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "From request received to the end of the answer, by model",
+            m.duration.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens reported by the upstream, by model and key id",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "completion_tokens",
+            "Completion tokens reported by the upstream, by model and key id",
+            m.completion_tokens.clone(),
+        );
+        registry.register(
+            "usage_records_dropped",
+            "Usage records dropped because the sink fell behind",
+            m.usage_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -5,23 +5,24 @@
 //! A request is retried on another backend only while nothing has been sent
 //! to the client: connect failures, first-byte timeouts and 5xx answers.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::balance::{self, Tried};
 use crate::error::ApiError;
-use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, RequestLabels};
+use crate::exchange::{Exchange, Slot};
+use crate::metrics::ErrorLabels;
 use crate::peers;
 use crate::sse;
 use crate::stream::{error_kind, End, EndCause, Observed, OnEnd};
-use crate::table::{now_ms, Backend, KeyEntry, Route, RouteTarget, Table};
+use crate::table::{now_ms, Backend, Route, RouteTarget, Table};
 use crate::validate::{self, Endpoint, Parsed};
 use crate::AppState;
 
@@ -35,6 +36,7 @@ pub async fn forward(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, ApiError> {
+    let received = Instant::now();
     let table = state.table.load_full();
     let key = crate::auth::authenticate(&table, &headers)?;
     let limit = table.limits.max_body_bytes;
@@ -89,7 +91,6 @@ pub async fn forward(
             Some(_) => body.clone(),
             None => validate::with_model(&body, &parsed, &target.upstream_model),
         };
-        let started = Instant::now();
         match send(&state, target, via, endpoint, &headers, upstream_body).await {
             Ok(resp) if resp.status().is_server_error() && via.is_none() => {
                 let status = resp.status();
@@ -104,14 +105,15 @@ pub async fn forward(
                 target.backend.record_success();
                 let exchange = Exchange {
                     state: state.clone(),
+                    request_id: request_id(),
                     key,
                     model: route.name.clone(),
                     backend: target.backend.clone(),
                     via: via.map(str::to_owned),
                     status: resp.status(),
                     request_sha256,
-                    started,
-                    _slot: slot,
+                    received,
+                    slot,
                 };
                 return respond(resp, exchange).await;
             }
@@ -305,6 +307,9 @@ async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response
     if let Ok(v) = HeaderValue::from_str(&exchange.backend.id) {
         headers.insert(HeaderName::from_static("x-infergate-backend"), v);
     }
+    if let Ok(v) = HeaderValue::from_str(&exchange.request_id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
     let timeouts = exchange.backend.timeouts;
     let idle = Duration::from_millis(timeouts.idle_ms);
     let is_sse = resp
@@ -328,6 +333,8 @@ async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response
             bytes: bytes.len() as u64,
             frames: 1,
             scan: sse::scan_json(&bytes),
+            first_chunk: None,
+            last_chunk: None,
         });
         Body::from(bytes)
     };
@@ -376,114 +383,15 @@ async fn collect(
     }
 }
 
-/// Everything known about a request once an upstream answered; fires once
-/// when its body ends (see `stream::Observed`).
-pub struct Exchange {
-    state: Arc<AppState>,
-    key: Arc<KeyEntry>,
-    model: String,
-    backend: Arc<Backend>,
-    /// The peer sidecar this went through, when not served here.
-    via: Option<String>,
-    status: StatusCode,
-    request_sha256: [u8; 32],
-    started: Instant,
-    _slot: Slot,
-}
-
-impl Exchange {
-    fn count_upstream_error(&self, kind: &'static str) {
-        self.state
-            .metrics
-            .upstream_errors
-            .get_or_create(&ErrorLabels {
-                backend: self.backend.id.clone(),
-                kind,
-            })
-            .inc();
-    }
-}
-
-impl OnEnd for Exchange {
-    fn on_end(self, end: End) {
-        let metrics = &self.state.metrics;
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                model: self.model.clone(),
-                backend: self.backend.id.clone(),
-                status: Metrics::status_class(self.status.as_u16()),
-            })
-            .inc();
-        metrics
-            .stream_ends
-            .get_or_create(&ReasonLabels {
-                reason: end.cause.label(),
-            })
-            .inc();
-        match end.cause {
-            EndCause::IdleTimeout => self.count_upstream_error("idle_timeout"),
-            EndCause::UpstreamError => self.count_upstream_error("dropped"),
-            _ => {}
-        }
-        self.state.record_answer(
-            &self.key,
-            &self.backend,
-            self.via.as_deref(),
-            self.status,
-            self.request_sha256,
-            &end,
-        );
-        tracing::debug!(
-            key = %self.key.id,
-            model = %self.model,
-            backend = %self.backend.id,
-            id = end.scan.id.as_deref().unwrap_or("-"),
-            cause = end.cause.label(),
-            bytes = end.bytes,
-            frames = end.frames,
-            ms = self.started.elapsed().as_millis() as u64,
-            "request ended"
-        );
-    }
-}
-
-/// One unit of a backend's in-flight count, released on drop whatever
-/// happens to the request (error, retry, client gone).
-pub struct Slot {
-    backend: Arc<Backend>,
-    gauge: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl Slot {
-    pub fn acquire(backend: &Arc<Backend>, metrics: &Metrics) -> Option<Slot> {
-        let counter = &backend.counters.in_flight;
-        let max = backend.max_in_flight;
-        counter
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (max == 0 || n < max).then_some(n + 1)
-            })
-            .ok()?;
-        let gauge = metrics
-            .in_flight
-            .get_or_create(&BackendLabels {
-                backend: backend.id.clone(),
-            })
-            .clone();
-        gauge.inc();
-        Some(Slot {
-            backend: backend.clone(),
-            gauge,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.backend
-            .counters
-            .in_flight
-            .fetch_sub(1, Ordering::AcqRel);
-        self.gauge.dec();
-    }
+/// A short id for logs and the `x-request-id` header: a per-process random
+/// prefix and a counter (unique without coordination, cheap to make).
+fn request_id() -> String {
+    static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut b = [0u8; 4];
+        getrandom::getrandom(&mut b).expect("OS randomness");
+        u32::from_le_bytes(b)
+    });
+    format!("{prefix:08x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }

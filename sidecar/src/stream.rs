@@ -48,6 +48,9 @@ pub struct End {
     pub bytes: u64,
     pub frames: u64,
     pub scan: SseScan,
+    /// When the first and the last upstream chunk arrived (streams only).
+    pub first_chunk: Option<std::time::Instant>,
+    pub last_chunk: Option<std::time::Instant>,
 }
 
 pub trait OnEnd: Send + 'static {
@@ -67,6 +70,8 @@ pub struct Observed<H: OnEnd> {
     scan: SseScan,
     bytes: u64,
     frames: u64,
+    first_chunk: Option<std::time::Instant>,
+    last_chunk: Option<std::time::Instant>,
     hook: Option<H>,
     state: State,
 }
@@ -90,6 +95,8 @@ impl<H: OnEnd> Observed<H> {
             scan: SseScan::default(),
             bytes: 0,
             frames: 0,
+            first_chunk: None,
+            last_chunk: None,
             hook: Some(hook),
             state: State::Streaming,
         }
@@ -103,6 +110,8 @@ impl<H: OnEnd> Observed<H> {
                 bytes: self.bytes,
                 frames: self.frames,
                 scan: std::mem::take(&mut self.scan),
+                first_chunk: self.first_chunk,
+                last_chunk: self.last_chunk,
             });
         }
     }
@@ -145,7 +154,11 @@ impl<H: OnEnd> Stream for Observed<H> {
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    this.next_deadline = Instant::now() + this.idle;
+                    let now = Instant::now();
+                    this.next_deadline = now + this.idle;
+                    let now = now.into_std();
+                    this.first_chunk.get_or_insert(now);
+                    this.last_chunk = Some(now);
                     this.pass(&chunk);
                     return Poll::Ready(Some(Ok(chunk)));
                 }

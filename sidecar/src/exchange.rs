@@ -1,0 +1,186 @@
+//! What happens once per answered request when its body ends: metrics,
+//! usage record, attestation record, one log line. Also the in-flight slot
+//! that a request holds on its backend until then.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{
+    BackendLabels, ErrorLabels, Metrics, ModelLabels, ReasonLabels, RequestLabels, TokenLabels,
+};
+use crate::stream::{End, EndCause, OnEnd};
+use crate::table::{Backend, KeyEntry};
+use crate::usage::{now_unix_ms, UsageRecord};
+use crate::AppState;
+
+/// Everything known about a request once an upstream answered.
+pub struct Exchange {
+    pub state: Arc<AppState>,
+    pub request_id: String,
+    pub key: Arc<KeyEntry>,
+    pub model: String,
+    pub backend: Arc<Backend>,
+    /// The peer sidecar this went through, when not served here.
+    pub via: Option<String>,
+    pub status: StatusCode,
+    pub request_sha256: [u8; 32],
+    /// When the gateway received the request.
+    pub received: Instant,
+    pub slot: Slot,
+}
+
+impl Exchange {
+    pub fn count_upstream_error(&self, kind: &'static str) {
+        self.state
+            .metrics
+            .upstream_errors
+            .get_or_create(&ErrorLabels {
+                backend: self.backend.id.clone(),
+                kind,
+            })
+            .inc();
+    }
+}
+
+impl OnEnd for Exchange {
+    fn on_end(self, end: End) {
+        let m = &self.state.metrics;
+        let duration = self.received.elapsed();
+        m.requests
+            .get_or_create(&RequestLabels {
+                model: self.model.clone(),
+                backend: self.backend.id.clone(),
+                status: Metrics::status_class(self.status.as_u16()),
+            })
+            .inc();
+        m.stream_ends
+            .get_or_create(&ReasonLabels {
+                reason: end.cause.label(),
+            })
+            .inc();
+        match end.cause {
+            EndCause::IdleTimeout => self.count_upstream_error("idle_timeout"),
+            EndCause::UpstreamError => self.count_upstream_error("dropped"),
+            _ => {}
+        }
+        let model = ModelLabels {
+            model: self.model.clone(),
+        };
+        m.duration
+            .get_or_create(&model)
+            .observe(duration.as_secs_f64());
+        let ttft = end
+            .first_chunk
+            .map(|t| t.saturating_duration_since(self.received));
+        if let Some(ttft) = ttft {
+            m.ttft.get_or_create(&model).observe(ttft.as_secs_f64());
+        }
+        if let (Some(first), Some(last)) = (end.first_chunk, end.last_chunk) {
+            if end.frames > 1 {
+                let gap = last.saturating_duration_since(first) / (end.frames - 1) as u32;
+                m.inter_token
+                    .get_or_create(&model)
+                    .observe(gap.as_secs_f64());
+            }
+        }
+        let usage = end.scan.usage;
+        if let Some(u) = usage {
+            let labels = TokenLabels {
+                model: self.model.clone(),
+                key: self.key.id.clone(),
+            };
+            m.prompt_tokens
+                .get_or_create(&labels)
+                .inc_by(u.prompt_tokens);
+            m.completion_tokens
+                .get_or_create(&labels)
+                .inc_by(u.completion_tokens);
+        }
+        self.state.record_answer(
+            &self.key,
+            &self.backend,
+            self.via.as_deref(),
+            self.status,
+            self.request_sha256,
+            &end,
+        );
+        tracing::debug!(
+            request_id = %self.request_id,
+            key = %self.key.id,
+            model = %self.model,
+            backend = %self.backend.id,
+            response_id = end.scan.id.as_deref().unwrap_or("-"),
+            cause = end.cause.label(),
+            bytes = end.bytes,
+            frames = end.frames,
+            ms = duration.as_millis() as u64,
+            "request ended"
+        );
+        if let Some(log) = &self.state.usage {
+            let record = UsageRecord {
+                ts_ms: now_unix_ms(),
+                request_id: self.request_id,
+                response_id: end.scan.id,
+                key_id: self.key.id.clone(),
+                model: self.model,
+                backend: self.backend.id.clone(),
+                status: self.status.as_u16(),
+                prompt_tokens: usage.map(|u| u.prompt_tokens),
+                completion_tokens: usage.map(|u| u.completion_tokens),
+                ttft_ms: ttft.map(|t| t.as_secs_f64() * 1e3),
+                duration_ms: duration.as_secs_f64() * 1e3,
+                finish_reason: end.scan.finish_reason,
+                stop_cause: end.cause.label(),
+                via: self.via,
+            };
+            if !log.submit(record) {
+                m.usage_dropped.inc();
+            }
+        }
+    }
+}
+
+/// One unit of a backend's in-flight count, released on drop whatever
+/// happens to the request (error, retry, client gone).
+pub struct Slot {
+    backend: Arc<Backend>,
+    gauge: Gauge,
+}
+
+impl Slot {
+    pub fn acquire(backend: &Arc<Backend>, metrics: &Metrics) -> Option<Slot> {
+        let max = backend.max_in_flight;
+        backend
+            .counters
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()?;
+        let gauge = metrics
+            .in_flight
+            .get_or_create(&BackendLabels {
+                backend: backend.id.clone(),
+            })
+            .clone();
+        gauge.inc();
+        Some(Slot {
+            backend: backend.clone(),
+            gauge,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.backend
+            .counters
+            .in_flight
+            .fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}

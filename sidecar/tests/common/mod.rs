@@ -1,0 +1,160 @@
+//! Real sockets on 127.0.0.1:0: a gateway (public + admin listeners) in
+//! front of in-process vLLM simulators.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use infergate_sidecar::config::{hash_key, GatewayConfig};
+use infergate_sidecar::sim::{self, SimConfig, SimHandle};
+use infergate_sidecar::{admin_app, app, AppState, Options};
+use tokio::net::TcpListener;
+
+pub const KEY: &str = "ig-test-key-aaaaaaaaaaaa";
+pub const OTHER_KEY: &str = "ig-test-key-bbbbbbbbbbbb";
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests";
+pub const UPSTREAM_MODEL: &str = "org/model-7b";
+
+pub struct Gateway {
+    pub url: String,
+    pub admin_url: String,
+    pub state: Arc<AppState>,
+}
+
+impl Gateway {
+    pub fn in_flight(&self, backend: &str) -> u32 {
+        self.state.table.load().backends[backend].in_flight()
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin_url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Wait (bounded) until no backend has a request in flight.
+    pub async fn settle(&self) {
+        for _ in 0..200 {
+            let table = self.state.table.load();
+            if table.backends.values().all(|b| b.in_flight() == 0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("in-flight counters did not return to zero");
+    }
+}
+
+pub async fn serve(router: axum::Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = listener.tap_io(|t| {
+        let _ = t.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+pub async fn gateway(config: GatewayConfig) -> Gateway {
+    let state = AppState::new(
+        Some(config),
+        Options {
+            admin_token: Some(ADMIN_TOKEN.into()),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let public = serve(app(state.clone())).await;
+    let admin = serve(admin_app(state.clone())).await;
+    Gateway {
+        url: format!("http://{public}"),
+        admin_url: format!("http://{admin}"),
+        state,
+    }
+}
+
+pub async fn simulator(id: &str, tokens: usize, delay_ms: u64) -> SimHandle {
+    sim::spawn(SimConfig {
+        id: id.into(),
+        models: vec![UPSTREAM_MODEL.into()],
+        tokens,
+        delay: Duration::from_millis(delay_ms),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A config with one public model `m` (alias `alias`) over the given
+/// backend URLs; `extra` is appended YAML at the route level.
+pub fn config(urls: &[&str], route_extra: &str, top_extra: &str) -> GatewayConfig {
+    let backends: String = urls
+        .iter()
+        .enumerate()
+        .map(|(i, u)| format!("  - {{ id: b{i}, url: \"{u}\" }}\n"))
+        .collect();
+    let targets: String = (0..urls.len())
+        .map(|i| format!("{{ backend: b{i}, upstreamModel: {UPSTREAM_MODEL} }},"))
+        .collect();
+    GatewayConfig::from_yaml(&format!(
+        r#"
+keys:
+  - {{ id: team-a, sha256: "{}" }}
+  - {{ id: team-b, sha256: "{}", models: [other] }}
+backends:
+{backends}
+models:
+  - name: m
+    aliases: [alias]
+    targets: [{targets}]
+{route_extra}
+  - name: other
+    targets: [{{ backend: b0 }}]
+{top_extra}
+"#,
+        hash_key(KEY),
+        hash_key(OTHER_KEY)
+    ))
+    .unwrap()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+pub fn chat_body(model: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hello there gateway"}],
+    })
+}
+
+pub async fn post_chat(
+    gw: &Gateway,
+    key: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(key)
+        .json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+/// `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(str::to_owned)
+        .collect()
+}
