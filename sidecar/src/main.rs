@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use infergate_sidecar::attest::Signer;
 use infergate_sidecar::config::GatewayConfig;
+use infergate_sidecar::serve::{self, ServeOptions};
 use infergate_sidecar::{admin_app, app, AppState, LogLevelSetter, Options, TeeSource};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -86,25 +86,32 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Some(Command::Demo) => demo().await,
-            None => serve(cli.serve, log_level).await,
+            None => start(cli.serve, log_level).await,
         }
     })
 }
 
-fn init_tracing(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Logs go to stderr (stdout carries the listening line and usage records);
+/// the filter can be changed later through the admin port.
+fn init_tracing(json: bool) -> LogLevelSetter {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let layer = fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder.json().init();
+        registry.with(layer.json()).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
+    Box::new(move |directive: &str| {
+        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
-async fn serve(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()> {
+async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(path) => Some(load(path)?),
         None => None,
@@ -183,16 +190,25 @@ async fn run(
         admin.local_addr()?,
         state.current_version()
     );
-    let public_app = app(state.clone());
-    let admin_router = admin_app(state);
-    let nodelay = |l: TcpListener| {
-        l.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    let public = axum::serve(nodelay(public), public_app).with_graceful_shutdown(shutdown());
-    let admin = axum::serve(nodelay(admin), admin_router).with_graceful_shutdown(shutdown());
-    tokio::try_join!(public.into_future(), admin.into_future())?;
+    let options = ServeOptions::default();
+    tokio::join!(
+        serve::serve(
+            public,
+            app(state.clone()),
+            options,
+            stopped(stop_rx.clone())
+        ),
+        serve::serve(admin, admin_app(state), options, stopped(stop_rx)),
+    );
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -8,25 +8,15 @@
 
 use std::sync::LazyLock;
 
+use bytes::Bytes;
 use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
 
 const MAX_CARRY: usize = 1 << 20;
+const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
 static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
-static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
-static DONE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"data: [DONE]"));
 static EVENT_END_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\n\n"));
-/// The Responses API's terminal events (it sends no `[DONE]`).
-static TERMINAL: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
-    [
-        Finder::new(b"event: response.completed"),
-        Finder::new(b"event: response.incomplete"),
-        Finder::new(b"event: response.failed"),
-    ]
-});
-/// Matches only a non-null finish reason (vLLM sends `null` on every chunk).
-static FINISH: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finish_reason\":\""));
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -34,10 +24,17 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+/// Per chunk, in the steady state, this costs two `ends_with` checks and a
+/// reference-count bump: JSON is parsed only for the first event (the id)
+/// and, once the terminal event arrives, for the last few events (usage and
+/// finish reason live there).
 #[derive(Default)]
 pub struct SseScan {
     carry: Vec<u8>,
     overflowed: bool,
+    /// The last two complete regions, kept by reference (no copy) so the
+    /// usage and finish reason can be read once the end is known.
+    recent: [Bytes; 2],
     pub id: Option<String>,
     pub usage: Option<Usage>,
     pub finish_reason: Option<String>,
@@ -46,29 +43,29 @@ pub struct SseScan {
 }
 
 impl SseScan {
-    /// Look at the next chunk. Cheap when the chunk holds whole events and
-    /// none of them is interesting: a few SIMD substring searches.
-    pub fn feed(&mut self, chunk: &[u8]) {
-        if self.overflowed {
+    pub fn feed(&mut self, chunk: &Bytes) {
+        if self.overflowed || self.done {
             return;
         }
         if self.carry.is_empty() {
+            if chunk.ends_with(b"\n\n") {
+                return self.complete(chunk.clone());
+            }
             match EVENT_END_REV.rfind(chunk) {
                 Some(end) => {
-                    self.inspect(&chunk[..end + 2]);
+                    self.complete(chunk.slice(..end + 2));
                     self.carry.extend_from_slice(&chunk[end + 2..]);
                 }
                 None => self.carry.extend_from_slice(chunk),
             }
         } else {
             // A split event: join it (the only copy, and only in this case).
-            let mut joined = std::mem::take(&mut self.carry);
-            joined.extend_from_slice(chunk);
-            if let Some(end) = EVENT_END_REV.rfind(&joined) {
-                self.inspect(&joined[..end + 2]);
-                joined.drain(..end + 2);
+            self.carry.extend_from_slice(chunk);
+            if let Some(end) = EVENT_END_REV.rfind(&self.carry) {
+                let region = Bytes::copy_from_slice(&self.carry[..end + 2]);
+                self.carry.drain(..end + 2);
+                self.complete(region);
             }
-            self.carry = joined;
         }
         if self.carry.len() > MAX_CARRY {
             self.carry = Vec::new();
@@ -76,18 +73,25 @@ impl SseScan {
         }
     }
 
-    fn inspect(&mut self, events: &[u8]) {
-        let wants_id = self.id.is_none();
-        let has_usage = USAGE.find(events).is_some();
-        let terminal = TERMINAL.iter().any(|f| f.find(events).is_some());
-        let finishing = FINISH.find(events).is_some();
-        if wants_id || has_usage || terminal || finishing {
-            for event in split_events(events) {
-                self.inspect_event(event);
+    /// One or more whole events.
+    fn complete(&mut self, region: Bytes) {
+        let done = region.ends_with(DONE_EVENT);
+        let typed_end = !done && region.starts_with(b"event:") && ends_with_terminal(&region);
+        if done {
+            for earlier in std::mem::take(&mut self.recent) {
+                self.inspect(&earlier);
             }
         }
-        if DONE.find(events).is_some() {
-            self.done = true;
+        if self.id.is_none() || done || typed_end {
+            self.inspect(&region);
+        }
+        self.done |= done;
+        self.recent = [std::mem::take(&mut self.recent[1]), region];
+    }
+
+    fn inspect(&mut self, events: &[u8]) {
+        for event in split_events(events) {
+            self.inspect_event(event);
         }
     }
 
@@ -101,10 +105,7 @@ impl SseScan {
                 data = v.trim_ascii();
             }
         }
-        if matches!(
-            name,
-            b"response.completed" | b"response.incomplete" | b"response.failed"
-        ) {
+        if is_terminal(name) {
             self.done = true;
         }
         if data.first() != Some(&b'{') {
@@ -132,6 +133,25 @@ impl SseScan {
             self.usage = Some(u.into());
         }
     }
+}
+
+/// The Responses API's terminal events (it sends no `[DONE]`).
+fn is_terminal(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"response.completed" | b"response.incomplete" | b"response.failed"
+    )
+}
+
+/// Whether the last event of a region of typed events is a terminal one;
+/// searches backwards, so it touches only that last event.
+fn ends_with_terminal(region: &[u8]) -> bool {
+    let body = &region[..region.len() - 2];
+    let start = EVENT_END_REV.rfind(body).map_or(0, |i| i + 2);
+    let first_line = body[start..].split(|&b| b == b'\n').next().unwrap_or(b"");
+    first_line
+        .strip_prefix(b"event:")
+        .is_some_and(|n| is_terminal(n.trim_ascii()))
 }
 
 fn split_events(events: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -234,9 +254,13 @@ mod tests {
     fn scan_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> SseScan {
         let mut s = SseScan::default();
         for c in chunks {
-            s.feed(c);
+            s.feed(&Bytes::copy_from_slice(c));
         }
         s
+    }
+
+    fn feed(s: &mut SseScan, chunk: &[u8]) {
+        s.feed(&Bytes::copy_from_slice(chunk));
     }
 
     fn expect_chat(s: &SseScan) {
@@ -270,12 +294,12 @@ mod tests {
     #[test]
     fn done_is_seen_only_when_its_event_is_complete() {
         let mut s = SseScan::default();
-        s.feed(CHAT[0].as_bytes());
-        s.feed(b"data: [DO");
+        feed(&mut s, CHAT[0].as_bytes());
+        feed(&mut s, b"data: [DO");
         assert!(!s.done);
-        s.feed(b"NE]\n");
+        feed(&mut s, b"NE]\n");
         assert!(!s.done);
-        s.feed(b"\n");
+        feed(&mut s, b"\n");
         assert!(s.done);
     }
 
@@ -287,11 +311,11 @@ mod tests {
             "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_9\",\"usage\":{\"input_tokens\":4,\"output_tokens\":1,\"total_tokens\":5}}}\n\n",
         ];
         let mut s = SseScan::default();
-        s.feed(events[0].as_bytes());
-        s.feed(events[1].as_bytes());
+        feed(&mut s, events[0].as_bytes());
+        feed(&mut s, events[1].as_bytes());
         assert_eq!(s.id.as_deref(), Some("resp_9"));
         assert!(!s.done);
-        s.feed(events[2].as_bytes());
+        feed(&mut s, events[2].as_bytes());
         assert!(s.done);
         assert_eq!(s.usage.unwrap().completion_tokens, 1);
     }
@@ -312,10 +336,10 @@ mod tests {
         let mut s = SseScan::default();
         let big = vec![b'x'; 64 * 1024];
         for _ in 0..20 {
-            s.feed(&big);
+            feed(&mut s, &big);
         }
         assert!(s.carry.capacity() <= MAX_CARRY * 2);
-        s.feed(b"\n\ndata: [DONE]\n\n");
+        feed(&mut s, b"\n\ndata: [DONE]\n\n");
         assert!(!s.done, "an overflowed stream is not scanned any more");
     }
 }

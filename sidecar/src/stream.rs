@@ -48,7 +48,8 @@ pub struct End {
     pub bytes: u64,
     pub frames: u64,
     pub scan: SseScan,
-    /// When the first and the last upstream chunk arrived (streams only).
+    /// When the first upstream chunk arrived, and when the stream ended
+    /// (streams only; the end is when the last chunk was handled).
     pub first_chunk: Option<std::time::Instant>,
     pub last_chunk: Option<std::time::Instant>,
 }
@@ -61,17 +62,18 @@ type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>
 
 pub struct Observed<H: OnEnd> {
     upstream: Upstream,
+    /// Fires at the first-byte deadline, then every `idle`. A chunk only sets
+    /// `active` (no clock read, no timer reset per chunk); a firing with no
+    /// activity since the last one is a stall. So a stall is detected
+    /// between `idle` and `2 * idle` after the last byte.
     timer: Pin<Box<Sleep>>,
-    /// Deadline for the next chunk; the timer is re-armed lazily from it
-    /// instead of being reset on every chunk.
-    next_deadline: Instant,
+    active: bool,
     idle: Duration,
     hasher: Sha256,
     scan: SseScan,
     bytes: u64,
     frames: u64,
     first_chunk: Option<std::time::Instant>,
-    last_chunk: Option<std::time::Instant>,
     hook: Option<H>,
     state: State,
 }
@@ -85,18 +87,16 @@ enum State {
 
 impl<H: OnEnd> Observed<H> {
     pub fn new(upstream: Upstream, first_byte: Duration, idle: Duration, hook: H) -> Self {
-        let deadline = Instant::now() + first_byte;
         Observed {
             upstream,
-            timer: Box::pin(tokio::time::sleep_until(deadline)),
-            next_deadline: deadline,
+            timer: Box::pin(tokio::time::sleep(first_byte)),
+            active: false,
             idle,
             hasher: Sha256::new(),
             scan: SseScan::default(),
             bytes: 0,
             frames: 0,
             first_chunk: None,
-            last_chunk: None,
             hook: Some(hook),
             state: State::Streaming,
         }
@@ -111,7 +111,7 @@ impl<H: OnEnd> Observed<H> {
                 frames: self.frames,
                 scan: std::mem::take(&mut self.scan),
                 first_chunk: self.first_chunk,
-                last_chunk: self.last_chunk,
+                last_chunk: self.first_chunk.map(|_| std::time::Instant::now()),
             });
         }
     }
@@ -154,11 +154,10 @@ impl<H: OnEnd> Stream for Observed<H> {
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let now = Instant::now();
-                    this.next_deadline = now + this.idle;
-                    let now = now.into_std();
-                    this.first_chunk.get_or_insert(now);
-                    this.last_chunk = Some(now);
+                    this.active = true;
+                    if this.first_chunk.is_none() {
+                        this.first_chunk = Some(std::time::Instant::now());
+                    }
                     this.pass(&chunk);
                     return Poll::Ready(Some(Ok(chunk)));
                 }
@@ -175,18 +174,20 @@ impl<H: OnEnd> Stream for Observed<H> {
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
-                    // The timer only wakes at the old deadline; if chunks
-                    // came since, re-arm it once instead of on every chunk.
-                    while this.timer.deadline() < this.next_deadline {
-                        ready!(this.timer.as_mut().poll(cx));
-                        let next = this.next_deadline;
-                        this.timer.as_mut().reset(next);
-                    }
                     ready!(this.timer.as_mut().poll(cx));
-                    let msg = format!(
-                        "upstream sent nothing for {} ms; stream ended",
-                        this.idle.as_millis()
-                    );
+                    if std::mem::take(&mut this.active) {
+                        let next = Instant::now() + this.idle;
+                        this.timer.as_mut().reset(next);
+                        continue;
+                    }
+                    let msg = if this.frames == 0 {
+                        "upstream sent no body in time; stream ended".to_owned()
+                    } else {
+                        format!(
+                            "upstream sent nothing for over {} ms; stream ended",
+                            this.idle.as_millis()
+                        )
+                    };
                     this.state =
                         State::Failing(error_frame(msg, "upstream_timeout"), EndCause::IdleTimeout);
                 }

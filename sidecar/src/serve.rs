@@ -1,0 +1,79 @@
+//! The listener loop: hyper's HTTP/1 server with the limits a public port
+//! needs (header read deadline against slowloris clients, header size cap),
+//! Nagle off on every accepted socket, and a graceful drain on shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// A client must finish sending its request headers within this.
+    pub header_timeout: Duration,
+    /// Request line + headers larger than this get 431.
+    pub max_header_bytes: usize,
+    /// On shutdown, how long streams in flight may take to finish.
+    pub drain: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serve until `shutdown` resolves, then stop accepting and let open
+/// connections finish (up to `drain`).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout)
+        // hyper refuses buffers under 8 KiB.
+        .max_buf_size(options.max_header_bytes.max(8192));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(router.clone());
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(options.drain) => {
+            tracing::warn!("drain deadline passed; closing the remaining connections");
+        }
+    }
+}
