@@ -156,7 +156,10 @@ impl<H: OnEnd> Stream for Observed<H> {
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.active = true;
                     if this.first_chunk.is_none() {
-                        this.first_chunk = Some(std::time::Instant::now());
+                        // From now on the deadline is the idle one.
+                        let now = Instant::now();
+                        this.first_chunk = Some(now.into_std());
+                        this.timer.as_mut().reset(now + this.idle);
                     }
                     this.pass(&chunk);
                     return Poll::Ready(Some(Ok(chunk)));
