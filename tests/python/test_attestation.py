@@ -4,7 +4,7 @@ over the exact bytes the openai SDK sent and received."""
 import hashlib
 import secrets
 
-import httpx
+import httpx2 as httpx  # the HTTP library the openai SDK itself uses
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct

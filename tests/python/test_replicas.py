@@ -5,7 +5,7 @@ signature fetched from any sidecar verifies against the bytes received."""
 import hashlib
 import socket
 
-import httpx
+import httpx2 as httpx  # the HTTP library the openai SDK itself uses
 import pytest
 from openai import OpenAI
 
