@@ -240,6 +240,45 @@ impl Records {
     }
 }
 
+/// The TEE section of the attestation report: the quote, or a plain "none".
+pub async fn tee_quote(source: Option<&crate::TeeSource>, nonce: &str) -> serde_json::Value {
+    use crate::TeeSource;
+    use serde_json::json;
+    let result = match source {
+        None => {
+            return json!({
+                "present": false,
+                "message": "No TEE quote source is configured on this sidecar; only the signing keys are attested."
+            })
+        }
+        Some(TeeSource::File(path)) => tokio::fs::read_to_string(path)
+            .await
+            .map(|q| ("file", q.trim().to_owned()))
+            .map_err(|e| format!("reading the quote file failed: {e}")),
+        Some(TeeSource::Command(cmd)) => {
+            let run = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .env("INFERGATE_NONCE", nonce)
+                .kill_on_drop(true)
+                .output();
+            match tokio::time::timeout(Duration::from_secs(10), run).await {
+                Ok(Ok(out)) if out.status.success() => Ok((
+                    "command",
+                    String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                )),
+                Ok(Ok(out)) => Err(format!("the quote command exited with {}", out.status)),
+                Ok(Err(e)) => Err(format!("the quote command could not run: {e}")),
+                Err(_) => Err("the quote command timed out".to_owned()),
+            }
+        }
+    };
+    match result {
+        Ok((kind, quote)) => json!({"present": true, "source": kind, "quote": quote}),
+        Err(message) => json!({"present": false, "message": message}),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,44 +339,5 @@ mod tests {
         let (again, made) = r.signature(&s, Algo::Ecdsa);
         assert!(!made);
         assert_eq!(first, again);
-    }
-}
-
-/// The TEE section of the attestation report: the quote, or a plain "none".
-pub async fn tee_quote(source: Option<&crate::TeeSource>, nonce: &str) -> serde_json::Value {
-    use crate::TeeSource;
-    use serde_json::json;
-    let result = match source {
-        None => {
-            return json!({
-                "present": false,
-                "message": "No TEE quote source is configured on this sidecar; only the signing keys are attested."
-            })
-        }
-        Some(TeeSource::File(path)) => tokio::fs::read_to_string(path)
-            .await
-            .map(|q| ("file", q.trim().to_owned()))
-            .map_err(|e| format!("reading the quote file failed: {e}")),
-        Some(TeeSource::Command(cmd)) => {
-            let run = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .env("INFERGATE_NONCE", nonce)
-                .kill_on_drop(true)
-                .output();
-            match tokio::time::timeout(Duration::from_secs(10), run).await {
-                Ok(Ok(out)) if out.status.success() => Ok((
-                    "command",
-                    String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-                )),
-                Ok(Ok(out)) => Err(format!("the quote command exited with {}", out.status)),
-                Ok(Err(e)) => Err(format!("the quote command could not run: {e}")),
-                Err(_) => Err("the quote command timed out".to_owned()),
-            }
-        }
-    };
-    match result {
-        Ok((kind, quote)) => json!({"present": true, "source": kind, "quote": quote}),
-        Err(message) => json!({"present": false, "message": message}),
     }
 }

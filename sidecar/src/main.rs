@@ -151,13 +151,13 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
 fn load(path: &Path) -> anyhow::Result<GatewayConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    Ok(GatewayConfig::from_yaml(&text).with_context(|| format!("config {}", path.display()))?)
+    GatewayConfig::from_yaml(&text).with_context(|| format!("config {}", path.display()))
 }
 
 /// Poll rather than inotify: ConfigMap volumes swap a symlink, which
 /// file-event watchers miss; one read a second costs nothing.
 async fn watch(state: Arc<AppState>, path: PathBuf) {
-    let digest = |p: &Path| std::fs::read(p).ok().map(|b| Sha256::digest(b));
+    let digest = |p: &Path| std::fs::read(p).ok().map(Sha256::digest);
     let mut last = digest(&path);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
