@@ -129,3 +129,37 @@ def test_unknown_ids_and_bad_ids(stack):
     assert get(stack, "/v1/signature/..%2F..%2Fetc").status_code in (400, 404)
     r = get(stack, "/v1/signature/abc", signing_algo="rsa")
     assert r.status_code == 400
+
+
+def test_responses_stream_verifies(stack, recorded):
+    client, rec = recorded
+    events = list(client.responses.create(model="m", input="sign the typed events", stream=True))
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.completed"
+    received = b"".join(rec.received[-1])
+    assert received.rstrip().endswith(b"}")
+    sig = get(stack, f"/v1/signature/{events[0].response.id}").json()
+    text = f"{hashlib.sha256(rec.sent[-1]).hexdigest()}:{hashlib.sha256(received).hexdigest()}"
+    assert sig["text"] == text
+    assert verify_ecdsa(text, sig["signature"], sig["signing_address"])
+
+
+def test_keys_come_from_mounted_files(tmp_path):
+    import nacl.signing
+
+    from conftest import gateway_config, start_sidecar, start_sim
+
+    ecdsa, ed = secrets.token_hex(32), secrets.token_hex(32)
+    (tmp_path / "ecdsa").write_text(ecdsa + "\n")
+    (tmp_path / "ed25519").write_text(ed)
+    sim = start_sim("sim-k")
+    gw = start_sidecar(gateway_config([sim.url]), [
+        "--ecdsa-key-file", str(tmp_path / "ecdsa"), "--ed25519-key-file", str(tmp_path / "ed25519")])
+    try:
+        report = get(gw, "/v1/attestation/report", nonce="k").json()
+        assert report["signing_address"] == Account.from_key(bytes.fromhex(ecdsa)).address.lower()
+        expected_pub = nacl.signing.SigningKey(bytes.fromhex(ed)).verify_key.encode().hex()
+        assert report["ed25519_public_key"] == expected_pub
+    finally:
+        gw.stop()
+        sim.stop()

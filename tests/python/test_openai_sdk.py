@@ -47,3 +47,44 @@ def test_errors_surface_as_sdk_exceptions(stack):
     with pytest.raises(openai.NotFoundError) as e:
         good.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert e.value.code == "model_not_found"
+
+
+def test_config_file_is_hot_reloaded_and_bad_edits_are_refused():
+    import time
+
+    import httpx2 as httpx
+    from openai import OpenAI
+
+    from conftest import ADMIN_TOKEN, gateway_config, start_sidecar, start_sim
+
+    sim = start_sim("sim-reload")
+    gw = start_sidecar(gateway_config([sim.url]))
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def version():
+        return httpx.get(gw.admin_url + "/admin/v1/config", headers=admin).json()["version"]
+
+    def wait_for(cond):
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if cond():
+                return
+            time.sleep(0.1)
+        raise AssertionError("not reached")
+
+    try:
+        client = OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0)
+        before = version()
+        config = gw.dir / "config.yaml"
+        config.write_text(config.read_text().replace("aliases: [alias]", "aliases: [alias, fresh]"))
+        wait_for(lambda: version() != before)
+        r = client.chat.completions.create(model="fresh", messages=[{"role": "user", "content": "x"}])
+        assert r.choices[0].message.content
+        good = version()
+        config.write_text("models: [this is not a config")
+        time.sleep(2.5)
+        assert version() == good
+        client.chat.completions.create(model="fresh", messages=[{"role": "user", "content": "x"}])
+    finally:
+        gw.stop()
+        sim.stop()

@@ -61,14 +61,16 @@ pub async fn serve(router: axum::Router) -> SocketAddr {
 }
 
 pub async fn gateway(config: GatewayConfig) -> Gateway {
-    let state = AppState::new(
-        Some(config),
-        Options {
-            admin_token: Some(ADMIN_TOKEN.into()),
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    gateway_with(config, Options::default()).await
+}
+
+/// A gateway with the test admin token and the given options otherwise.
+pub async fn gateway_with(config: GatewayConfig, options: Options) -> Gateway {
+    let options = Options {
+        admin_token: Some(ADMIN_TOKEN.into()),
+        ..options
+    };
+    let state = AppState::new(Some(config), options).unwrap();
     let public = serve(app(state.clone())).await;
     let admin = serve(admin_app(state.clone())).await;
     Gateway {
