@@ -36,6 +36,16 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     NotSigned(&'static str),
+    #[error("Rate limit reached for {}; retry after {} s.", .0.what, retry_secs(.0.retry_after))]
+    RateLimited(crate::quota::Exceeded),
+    #[error("The request body did not arrive in time.")]
+    BodyTimeout,
+    #[error("All backends for model `{0}` are at capacity; retry shortly.")]
+    AtCapacity(String),
+}
+
+fn retry_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 impl ApiError {
@@ -55,7 +65,9 @@ impl ApiError {
             InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            NoBackend(_) | AtCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Upstream(_) => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -78,6 +90,9 @@ impl ApiError {
             UpstreamTimeout(_) => "upstream_timeout",
             MethodNotAllowed => "method_not_allowed",
             NotSigned(_) => "signature_unavailable",
+            RateLimited(_) => "rate_limit_exceeded",
+            BodyTimeout => "request_timeout",
+            AtCapacity(_) => "at_capacity",
         }
     }
 
@@ -86,7 +101,9 @@ impl ApiError {
         match self {
             MissingKey | InvalidKey | AdminUnauthorized => "authentication_error",
             ModelNotAllowed(_) => "permission_error",
-            NoBackend(_) | Upstream(_) | UpstreamTimeout(_) => "server_error",
+            NoBackend(_) | Upstream(_) | UpstreamTimeout(_) | AtCapacity(_) => "server_error",
+            RateLimited(e) if e.what == "tokens" => "tokens",
+            RateLimited(_) => "requests",
             _ => "invalid_request_error",
         }
     }
@@ -143,6 +160,15 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        let retry_after = match &self {
+            ApiError::RateLimited(e) => Some(retry_secs(e.retry_after)),
+            ApiError::AtCapacity(_) => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if matches!(self, ApiError::MissingKey | ApiError::InvalidKey) {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

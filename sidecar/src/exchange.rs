@@ -8,12 +8,14 @@ use std::time::Instant;
 
 use axum::http::StatusCode;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Notify;
 
 use crate::metrics::{
     BackendLabels, ErrorLabels, Metrics, ModelLabels, ReasonLabels, RequestLabels, TokenLabels,
 };
+use crate::quota::KeySlot;
 use crate::stream::{End, EndCause, OnEnd};
-use crate::table::{Backend, KeyEntry};
+use crate::table::{now_ns, Backend, KeyEntry};
 use crate::usage::{now_unix_ms, UsageRecord};
 use crate::AppState;
 
@@ -31,6 +33,8 @@ pub struct Exchange {
     /// When the gateway received the request.
     pub received: Instant,
     pub slot: Slot,
+    /// The key's concurrency slot, if it has a limit.
+    pub key_slot: Option<KeySlot>,
 }
 
 impl Exchange {
@@ -99,6 +103,9 @@ impl OnEnd for Exchange {
             m.completion_tokens
                 .get_or_create(&labels)
                 .inc_by(u.completion_tokens);
+            if let Some(q) = &self.key.quota {
+                q.charge_tokens(now_ns(), u.prompt_tokens + u.completion_tokens);
+            }
         }
         self.state.record_answer(
             &self.key,
@@ -149,10 +156,12 @@ impl OnEnd for Exchange {
 pub struct Slot {
     backend: Arc<Backend>,
     gauge: Gauge,
+    freed: Arc<Notify>,
 }
 
 impl Slot {
-    pub fn acquire(backend: &Arc<Backend>, metrics: &Metrics) -> Option<Slot> {
+    pub fn acquire(backend: &Arc<Backend>, state: &AppState) -> Option<Slot> {
+        let metrics = &state.metrics;
         let max = backend.max_in_flight;
         backend
             .counters
@@ -171,6 +180,7 @@ impl Slot {
         Some(Slot {
             backend: backend.clone(),
             gauge,
+            freed: state.slot_freed.clone(),
         })
     }
 }
@@ -182,5 +192,8 @@ impl Drop for Slot {
             .in_flight
             .fetch_sub(1, Ordering::AcqRel);
         self.gauge.dec();
+        if self.backend.max_in_flight != 0 {
+            self.freed.notify_one();
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod exchange;
 pub mod metrics;
 pub mod peers;
 pub mod proxy;
+pub mod quota;
 pub mod responses;
 pub mod serve;
 pub mod sim;
@@ -56,6 +57,11 @@ pub struct AppState {
     pub peer_client: reqwest::Client,
     /// Where usage records go, if anywhere.
     pub usage: Option<usage::UsageLog>,
+    /// Signalled when a backend slot frees up, for requests queued on a
+    /// route whose backends are all at capacity.
+    pub slot_freed: Arc<tokio::sync::Notify>,
+    /// Requests waiting for a backend slot right now.
+    pub queued: std::sync::atomic::AtomicUsize,
     log_level: Option<LogLevelSetter>,
     admin_token_sha256: Option<[u8; 32]>,
     /// Serialises swaps (never taken on the request path).
@@ -123,6 +129,8 @@ impl AppState {
             self_url: options.self_url.map(|u| u.trim_end_matches('/').to_owned()),
             peer_client: table::upstream_client(2_000).expect("static client settings are valid"),
             log_level: options.log_level,
+            slot_freed: Arc::new(tokio::sync::Notify::new()),
+            queued: std::sync::atomic::AtomicUsize::new(0),
             usage: match options.usage {
                 Some(sink) => Some(usage::UsageLog::start(sink).map_err(|e| {
                     ConfigError::Invalid(format!("usage sink cannot be opened: {e}"))

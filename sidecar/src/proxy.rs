@@ -22,7 +22,7 @@ use crate::metrics::ErrorLabels;
 use crate::peers;
 use crate::sse;
 use crate::stream::{error_kind, End, EndCause, Observed, OnEnd};
-use crate::table::{now_ms, Backend, Route, RouteTarget, Table};
+use crate::table::{now_ms, now_ns, Backend, Route, RouteTarget, Table};
 use crate::validate::{self, Endpoint, Parsed};
 use crate::AppState;
 
@@ -39,6 +39,11 @@ pub async fn forward(
     let received = Instant::now();
     let table = state.table.load_full();
     let key = crate::auth::authenticate(&table, &headers)?;
+    // Quotas before the body is read: a refused request costs no more.
+    let mut key_slot = match &key.quota {
+        Some(q) => q.admit(now_ns()).map_err(ApiError::RateLimited)?,
+        None => None,
+    };
     let limit = table.limits.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -47,9 +52,12 @@ pub async fn forward(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge(limit));
     }
-    let body = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::BodyTooLarge(limit))?;
+    let read_deadline = Duration::from_millis(table.limits.body_read_ms);
+    let body = match tokio::time::timeout(read_deadline, axum::body::to_bytes(body, limit)).await {
+        Err(_) => return Err(ApiError::BodyTimeout),
+        Ok(Err(_)) => return Err(ApiError::BodyTooLarge(limit)),
+        Ok(Ok(body)) => body,
+    };
     let parsed = validate::validate(endpoint, &body, table.limits.max_messages)?;
     let route = table
         .route(&parsed.model)
@@ -62,68 +70,118 @@ pub async fn forward(
     let pinned = pinned_target(&state, route, &headers, &parsed, hop).await?;
     let session = session_key(route, &headers, &parsed);
 
-    let mut tried = Tried::default();
-    let mut last_error = None;
-    // A pinned request (a hop, or a follow-up whose state lives on one
-    // backend) has exactly one place to go.
-    let attempts = if pinned.is_some() {
-        1
-    } else {
-        route.targets.len().min(MAX_ATTEMPTS)
-    };
-    for _ in 0..attempts {
-        let Some(i) = pinned.or_else(|| balance::pick(route, session, tried, now_ms())) else {
-            break;
-        };
-        tried.add(i);
-        let target = &route.targets[i];
-        let Some(slot) = Slot::acquire(&target.backend, &state.metrics) else {
-            last_error = Some(ApiError::NoBackend(route.name.clone()));
-            continue;
-        };
-        let via = if hop {
-            None
+    let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(table.limits.queue_ms);
+    loop {
+        let mut tried = Tried::default();
+        let mut last_error = None;
+        // A pinned request (a hop, or a follow-up whose state lives on one
+        // backend) has exactly one place to go.
+        let attempts = if pinned.is_some() {
+            1
         } else {
-            peers::remote(target.backend.sidecar.as_deref(), state.self_url.as_deref())
+            route.targets.len().min(MAX_ATTEMPTS)
         };
-        let upstream_body = match via {
-            // The peer gets the client's bytes; it resolves the alias itself.
-            Some(_) => body.clone(),
-            None => validate::with_model(&body, &parsed, &target.upstream_model),
-        };
-        match send(&state, target, via, endpoint, &headers, upstream_body).await {
-            Ok(resp) if resp.status().is_server_error() && via.is_none() => {
-                let status = resp.status();
-                fail(&state, &table, &target.backend, "status_5xx");
-                last_error = Some(ApiError::Upstream(format!(
-                    "backend {} answered HTTP {}",
-                    target.backend.id,
-                    status.as_u16()
-                )));
+        for _ in 0..attempts {
+            let Some(i) = pinned.or_else(|| balance::pick(route, session, tried, now_ms())) else {
+                break;
+            };
+            tried.add(i);
+            let target = &route.targets[i];
+            let Some(slot) = Slot::acquire(&target.backend, &state) else {
+                continue;
+            };
+            let via = if hop {
+                None
+            } else {
+                peers::remote(target.backend.sidecar.as_deref(), state.self_url.as_deref())
+            };
+            let upstream_body = match via {
+                // The peer gets the client's bytes; it resolves the alias itself.
+                Some(_) => body.clone(),
+                None => validate::with_model(&body, &parsed, &target.upstream_model),
+            };
+            match send(&state, target, via, endpoint, &headers, upstream_body).await {
+                Ok(resp) if resp.status().is_server_error() && via.is_none() => {
+                    let status = resp.status();
+                    fail(&state, &table, &target.backend, "status_5xx");
+                    last_error = Some(ApiError::Upstream(format!(
+                        "backend {} answered HTTP {}",
+                        target.backend.id,
+                        status.as_u16()
+                    )));
+                }
+                Ok(resp) => {
+                    target.backend.record_success();
+                    let exchange = Exchange {
+                        state: state.clone(),
+                        request_id: request_id(),
+                        key,
+                        model: route.name.clone(),
+                        backend: target.backend.clone(),
+                        via: via.map(str::to_owned),
+                        status: resp.status(),
+                        request_sha256,
+                        received,
+                        slot,
+                        key_slot: key_slot.take(),
+                    };
+                    return respond(resp, exchange).await;
+                }
+                Err((kind, err)) => {
+                    fail(&state, &table, &target.backend, kind);
+                    last_error = Some(err);
+                }
             }
-            Ok(resp) => {
-                target.backend.record_success();
-                let exchange = Exchange {
-                    state: state.clone(),
-                    request_id: request_id(),
-                    key,
-                    model: route.name.clone(),
-                    backend: target.backend.clone(),
-                    via: via.map(str::to_owned),
-                    status: resp.status(),
-                    request_sha256,
-                    received,
-                    slot,
-                };
-                return respond(resp, exchange).await;
-            }
-            Err((kind, err)) => {
-                fail(&state, &table, &target.backend, kind);
-                last_error = Some(err);
+        }
+        if let Some(err) = last_error {
+            return Err(err);
+        }
+        // Every candidate was at its in-flight limit: wait briefly for a
+        // slot, in a bounded queue, then give up with 503.
+        let full = pinned.map_or_else(
+            || route.targets.iter().all(|t| t.backend.is_full()),
+            |i| route.targets[i].backend.is_full(),
+        );
+        if !full || !wait_for_slot(&state, queue_deadline, table.limits.max_queued).await {
+            return Err(if full {
+                ApiError::AtCapacity(route.name.clone())
+            } else {
+                ApiError::NoBackend(route.name.clone())
+            });
+        }
+    }
+}
+
+/// Wait until some backend slot frees up or the deadline passes; false if
+/// the deadline passed or the queue is already full.
+async fn wait_for_slot(
+    state: &AppState,
+    deadline: tokio::time::Instant,
+    max_queued: usize,
+) -> bool {
+    let queued = state.queued.fetch_add(1, Ordering::AcqRel);
+    let _leave = scopeguard(|| {
+        state.queued.fetch_sub(1, Ordering::AcqRel);
+    });
+    if queued >= max_queued {
+        return false;
+    }
+    tokio::time::timeout_at(deadline, state.slot_freed.notified())
+        .await
+        .is_ok()
+}
+
+/// Runs `f` when dropped (also when the waiting request is cancelled).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| ApiError::NoBackend(route.name.clone())))
+    Guard(Some(f))
 }
 
 /// The one target this request must go to, if any: the backend a peer

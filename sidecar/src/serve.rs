@@ -44,8 +44,7 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_timeout)
-        // hyper refuses buffers under 8 KiB.
-        .max_buf_size(options.max_header_bytes.max(8192));
+        .max_header_size(options.max_header_bytes);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

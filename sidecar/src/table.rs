@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderValue;
 
 use crate::config::{ConfigError, GatewayConfig, Limits, Sticky, Strategy, Timeouts};
+use crate::quota::KeyQuota;
 
 pub struct Table {
     pub config: Arc<GatewayConfig>,
@@ -30,6 +31,8 @@ pub struct KeyEntry {
     all_models: bool,
     /// Canonical (public) route names this key may use.
     models: HashSet<String>,
+    /// Kept across swaps while the key id and its limits stay the same.
+    pub quota: Option<Arc<KeyQuota>>,
 }
 
 impl KeyEntry {
@@ -131,6 +134,11 @@ pub fn now_ms() -> u64 {
     clock_origin().elapsed().as_millis() as u64
 }
 
+/// Monotonic nanoseconds on the same clock.
+pub fn now_ns() -> u64 {
+    clock_origin().elapsed().as_nanos() as u64
+}
+
 impl Table {
     pub fn empty() -> Self {
         Table::build(GatewayConfig::default(), None).expect("empty config is valid")
@@ -200,6 +208,14 @@ impl Table {
                 models.insert(n.clone(), route.clone());
             }
         }
+        let old_quotas: HashMap<&str, &Arc<KeyQuota>> = previous
+            .map(|p| {
+                p.keys
+                    .values()
+                    .filter_map(|k| Some((k.id.as_str(), k.quota.as_ref()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut keys = HashMap::new();
         for k in &config.keys {
             let mut hash = [0u8; 32];
@@ -219,6 +235,10 @@ impl Table {
                     admin: k.admin,
                     all_models,
                     models: allowed,
+                    quota: k.limits.map(|limits| match old_quotas.get(k.id.as_str()) {
+                        Some(q) if q.limits == limits => Arc::clone(q),
+                        _ => Arc::new(KeyQuota::new(limits)),
+                    }),
                 }),
             );
         }

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use infergate_sidecar::config::{hash_key, GatewayConfig};
+use infergate_sidecar::serve::ServeOptions;
 use infergate_sidecar::sim::{self, SimConfig, SimHandle};
 use infergate_sidecar::{admin_app, app, AppState, Options};
 use tokio::net::TcpListener;
@@ -50,13 +50,20 @@ impl Gateway {
     }
 }
 
+/// The production listener loop, with a short header deadline for tests.
 pub async fn serve(router: axum::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let listener = listener.tap_io(|t| {
-        let _ = t.set_nodelay(true);
-    });
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let options = ServeOptions {
+        header_timeout: Duration::from_millis(500),
+        ..ServeOptions::default()
+    };
+    tokio::spawn(infergate_sidecar::serve::serve(
+        listener,
+        router,
+        options,
+        std::future::pending(),
+    ));
     addr
 }
 
