@@ -369,6 +369,7 @@ async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
     let timeouts = exchange.backend.timeouts;
+    let max_bytes = exchange.state.table.load().limits.max_response_bytes;
     let idle = Duration::from_millis(timeouts.idle_ms);
     let is_sse = resp
         .headers()
@@ -377,14 +378,12 @@ async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let body = if is_sse {
         let first_byte = Duration::from_millis(timeouts.first_byte_ms);
-        Body::from_stream(Observed::new(
-            Box::pin(resp.bytes_stream()),
-            first_byte,
-            idle,
-            exchange,
-        ))
+        Body::from_stream(
+            Observed::new(Box::pin(resp.bytes_stream()), first_byte, idle, exchange)
+                .with_max_bytes(max_bytes),
+        )
     } else {
-        let bytes = collect(resp, idle, &exchange).await?;
+        let bytes = collect(resp, idle, max_bytes, &exchange).await?;
         exchange.on_end(End {
             cause: EndCause::Completed,
             response_sha256: Sha256::digest(&bytes).into(),
@@ -403,12 +402,11 @@ async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response
 async fn collect(
     resp: reqwest::Response,
     idle: Duration,
+    max_bytes: u64,
     exchange: &Exchange,
 ) -> Result<Bytes, ApiError> {
-    let capacity = resp
-        .content_length()
-        .unwrap_or(0)
-        .min(MAX_UPSTREAM_BODY as u64) as usize;
+    let max_bytes = max_bytes.min(MAX_UPSTREAM_BODY as u64) as usize;
+    let capacity = resp.content_length().unwrap_or(0).min(max_bytes as u64) as usize;
     let mut out = Vec::with_capacity(capacity);
     let mut stream = resp.bytes_stream();
     loop {
@@ -416,7 +414,7 @@ async fn collect(
         match tokio::time::timeout(idle, stream.next()).await {
             Ok(None) => return Ok(Bytes::from(out)),
             Ok(Some(Ok(chunk))) => {
-                if out.len() + chunk.len() > MAX_UPSTREAM_BODY {
+                if out.len() + chunk.len() > max_bytes {
                     count("too_large");
                     return Err(ApiError::Upstream(
                         "backend answer exceeds the size bound".into(),

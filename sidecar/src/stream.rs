@@ -28,6 +28,8 @@ pub enum EndCause {
     UpstreamError,
     /// The client went away before the end.
     ClientGone,
+    /// The upstream sent more than the configured bound.
+    TooLarge,
 }
 
 impl EndCause {
@@ -37,6 +39,7 @@ impl EndCause {
             EndCause::IdleTimeout => "idle_timeout",
             EndCause::UpstreamError => "upstream_error",
             EndCause::ClientGone => "client_disconnect",
+            EndCause::TooLarge => "too_large",
         }
     }
 }
@@ -69,6 +72,8 @@ pub struct Observed<H: OnEnd> {
     timer: Pin<Box<Sleep>>,
     active: bool,
     idle: Duration,
+    /// An answer larger than this is cut with an error frame.
+    max_bytes: u64,
     hasher: Sha256,
     scan: SseScan,
     bytes: u64,
@@ -88,6 +93,7 @@ enum State {
 impl<H: OnEnd> Observed<H> {
     pub fn new(upstream: Upstream, first_byte: Duration, idle: Duration, hook: H) -> Self {
         Observed {
+            max_bytes: u64::MAX,
             upstream,
             timer: Box::pin(tokio::time::sleep(first_byte)),
             active: false,
@@ -100,6 +106,11 @@ impl<H: OnEnd> Observed<H> {
             hook: Some(hook),
             state: State::Streaming,
         }
+    }
+
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     fn fire(&mut self, cause: EndCause) {
@@ -153,6 +164,16 @@ impl<H: OnEnd> Stream for Observed<H> {
                 State::Streaming => {}
             }
             match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk)))
+                    if this.bytes + chunk.len() as u64 > this.max_bytes =>
+                {
+                    let msg = format!(
+                        "upstream answer exceeds {} bytes; stream ended",
+                        this.max_bytes
+                    );
+                    this.state =
+                        State::Failing(error_frame(msg, "upstream_too_large"), EndCause::TooLarge);
+                }
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.active = true;
                     if this.first_chunk.is_none() {
