@@ -1,0 +1,166 @@
+//! The real `infergate-sidecar` binary as a process: nothing secret in its
+//! logs even at trace level, and a SIGTERM that drops no stream in flight.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use infergate_sidecar::config::hash_key;
+
+const SECRET_KEY: &str = "ig-very-secret-key-5f2a9c";
+const SECRET_PROMPT: &str = "PROMPT-NEVER-LOGGED-xyzzy-42";
+
+struct Sidecar {
+    child: Child,
+    url: String,
+    admin_url: String,
+}
+
+fn start(config_yaml: &str, dir: &std::path::Path, rust_log: &str) -> Sidecar {
+    std::fs::write(dir.join("config.yaml"), config_yaml).unwrap();
+    std::fs::write(dir.join("token"), ADMIN_TOKEN).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infergate-sidecar"))
+        .args(["--config", dir.join("config.yaml").to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--admin-token-file", dir.join("token").to_str().unwrap()])
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_owned()
+    };
+    Sidecar {
+        url: field("public="),
+        admin_url: field("admin="),
+        child,
+    }
+}
+
+fn yaml(sim_url: &str) -> String {
+    format!(
+        "keys:\n  - {{ id: team-secret, sha256: \"{}\" }}\nbackends:\n  - {{ id: b0, url: \"{sim_url}\" }}\nmodels:\n  - {{ name: m, targets: [{{ backend: b0, upstreamModel: {UPSTREAM_MODEL} }}] }}\n",
+        hash_key(SECRET_KEY)
+    )
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("infergate-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[tokio::test]
+async fn trace_logs_hold_no_key_prompt_or_completion() {
+    let sim = simulator("s0", 6, 0).await;
+    let dir = tempdir("privacy");
+    let mut sc = start(&yaml(&sim.url), &dir, "trace");
+    let body = serde_json::json!({
+        "model": "m", "stream": true, "user": "customer-name-acme",
+        "messages": [{"role": "user", "content": SECRET_PROMPT}],
+    });
+    let c = client();
+    for stream in [true, false] {
+        let mut b = body.clone();
+        b["stream"] = stream.into();
+        let resp = c
+            .post(format!("{}/v1/chat/completions", sc.url))
+            .bearer_auth(SECRET_KEY)
+            .json(&b)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.text().await.unwrap().contains("tok3 "));
+    }
+    // A wrong key that looks like the real one, and an admin call.
+    let wrong = c
+        .post(format!("{}/v1/chat/completions", sc.url))
+        .bearer_auth(format!("{SECRET_KEY}-wrong"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let admin = c
+        .get(format!("{}/admin/v1/config", sc.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sc.child.kill().unwrap();
+    sc.child.wait().unwrap();
+    let logs = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+    assert!(
+        logs.contains("TRACE") && logs.lines().count() >= 10,
+        "trace logging produced too little to prove anything"
+    );
+    for secret in [
+        SECRET_KEY,
+        SECRET_PROMPT,
+        ADMIN_TOKEN,
+        "tok3 ",
+        "customer-name-acme",
+        "Bearer",
+    ] {
+        assert!(!logs.contains(secret), "{secret:?} appears in the logs");
+    }
+    // The key's id is what identifies it.
+    assert!(logs.contains("team-secret"));
+}
+
+#[tokio::test]
+async fn sigterm_finishes_streams_in_flight_and_refuses_new_ones() {
+    let sim = simulator("s0", 40, 25).await;
+    let dir = tempdir("shutdown");
+    let mut sc = start(&yaml(&sim.url), &dir, "info");
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", sc.url))
+        .bearer_auth(SECRET_KEY)
+        .json(&chat_body("m", true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut got = stream.next().await.unwrap().unwrap().to_vec();
+    let status = Command::new("kill")
+        .args(["-TERM", &sc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = client()
+        .get(format!("{}/v1/models", sc.url))
+        .bearer_auth(SECRET_KEY)
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted after SIGTERM"
+    );
+    while let Some(chunk) = stream.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(
+        got.ends_with(b"data: [DONE]\n\n"),
+        "the stream in flight was cut"
+    );
+    let exit = tokio::task::spawn_blocking(move || sc.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
