@@ -14,6 +14,8 @@ use serde_json::json;
 use crate::attest::Algo;
 use crate::metrics::AlgoLabels;
 
+use tracing::Instrument;
+
 use crate::error::ApiError;
 use crate::metrics::ReasonLabels;
 use crate::validate::Endpoint;
@@ -53,10 +55,17 @@ async fn responses(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bod
     forward(s, Endpoint::Responses, headers, body).await
 }
 
+/// One span per request, named by its id (never by its content).
 async fn forward(s: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
-    match crate::proxy::forward(s.clone(), endpoint, headers, body).await {
+    let request_id = crate::proxy::request_id();
+    let span = tracing::info_span!("request", id = %request_id, path = endpoint.path());
+    let result = crate::proxy::forward(s.clone(), request_id, endpoint, headers, body)
+        .instrument(span.clone())
+        .await;
+    match result {
         Ok(resp) => resp,
         Err(e) => {
+            span.in_scope(|| tracing::debug!(reason = e.metric_label(), "request refused"));
             s.metrics
                 .rejected
                 .get_or_create(&ReasonLabels {

@@ -32,6 +32,7 @@ const MAX_ATTEMPTS: usize = 3;
 
 pub async fn forward(
     state: Arc<AppState>,
+    request_id: String,
     endpoint: Endpoint,
     headers: HeaderMap,
     body: Body,
@@ -114,7 +115,7 @@ pub async fn forward(
                     target.backend.record_success();
                     let exchange = Exchange {
                         state: state.clone(),
-                        request_id: request_id(),
+                        request_id,
                         key,
                         model: route.name.clone(),
                         backend: target.backend.clone(),
@@ -441,7 +442,7 @@ async fn collect(
 
 /// A short id for logs and the `x-request-id` header: a per-process random
 /// prefix and a counter (unique without coordination, cheap to make).
-fn request_id() -> String {
+pub fn request_id() -> String {
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| {
