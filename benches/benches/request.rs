@@ -8,6 +8,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use infergate_sidecar::attest::{Algo, Record, Signer};
 use infergate_sidecar::balance::{pick, Tried};
 use infergate_sidecar::config::{hash_key, GatewayConfig};
+use infergate_sidecar::peers::Owner;
 use infergate_sidecar::table::Table;
 use infergate_sidecar::validate::{validate, Endpoint};
 use infergate_sidecar::{AppState, Options};
@@ -148,11 +149,16 @@ fn config_swap(c: &mut Criterion) {
 
 fn signing(c: &mut Criterion) {
     let signer = Signer::generate();
+    let owner = Owner {
+        backend: "b".into(),
+        via: None,
+        key_id: "k".into(),
+    };
     let mut g = c.benchmark_group("sign_fresh_record");
     for algo in [Algo::Ecdsa, Algo::Ed25519] {
         g.bench_function(format!("{algo:?}").to_lowercase(), |b| {
             b.iter_batched(
-                || Record::new("k".into(), &[1; 32], &[2; 32], None),
+                || Record::new(owner.clone(), &[1; 32], &[2; 32], None),
                 |r| black_box(r.signature(&signer, algo).0.len()),
                 BatchSize::SmallInput,
             )

@@ -134,18 +134,21 @@ async fn signature(
     }
     // Someone else's record looks exactly like a missing one.
     let not_found = || ApiError::NotFound(format!("No signature for id `{id}`."));
-    let Some(record) = s.records.get(&id) else {
+    let record = s.records.get(&id);
+    let local = record.as_ref().filter(|r| r.owner.via.is_none());
+    let Some(record) = local else {
         // Signed elsewhere: by the sidecar this one forwarded to, or one
         // that served the request directly.
+        let via = record.and_then(|r| r.owner.via.clone());
         let path = uri
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or(uri.path());
-        return crate::responses::from_peers(&s, &id, path, &headers)
+        return crate::responses::from_peers(&s, via.as_deref(), path, &headers)
             .await
             .ok_or_else(not_found);
     };
-    if record.key_id != key.id && !key.admin {
+    if record.owner.key_id != key.id && !key.admin {
         return Err(not_found());
     }
     if let Some(reason) = record.unsigned {
@@ -243,8 +246,9 @@ async fn owner(
         return Err(not_found());
     }
     let owner = s
-        .owners
+        .records
         .get(&id)
+        .map(|r| r.owner.clone())
         .filter(|o| o.via.is_none())
         .ok_or_else(not_found)?;
     if owner.key_id != key.id && !key.admin {

@@ -13,6 +13,8 @@ use k256::ecdsa::SigningKey as EcdsaKey;
 use serde::Serialize;
 use sha3::{Digest as _, Keccak256};
 
+use crate::peers::Owner;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Algo {
@@ -173,7 +175,9 @@ impl Unsigned {
 /// What is kept per response id. Signatures are made on the first look-up
 /// and then cached in the record.
 pub struct Record {
-    pub key_id: String,
+    /// Who produced the answer (and for whom); also what Responses
+    /// follow-ups and peers look up, so one cache serves both.
+    pub owner: Owner,
     pub text: String,
     pub unsigned: Option<Unsigned>,
     ecdsa: OnceLock<String>,
@@ -182,7 +186,7 @@ pub struct Record {
 
 impl Record {
     pub fn new(
-        key_id: String,
+        owner: Owner,
         request: &[u8; 32],
         response: &[u8; 32],
         unsigned: Option<Unsigned>,
@@ -192,9 +196,21 @@ impl Record {
         text.push(':');
         text.push_str(&hex::encode(response));
         Record {
-            key_id,
+            owner,
             text,
             unsigned,
+            ecdsa: OnceLock::new(),
+            ed25519: OnceLock::new(),
+        }
+    }
+
+    /// A request this sidecar forwarded: the owner signs, this one only
+    /// remembers where to ask.
+    pub fn forwarded(owner: Owner) -> Self {
+        Record {
+            owner,
+            text: String::new(),
+            unsigned: None,
             ecdsa: OnceLock::new(),
             ed25519: OnceLock::new(),
         }
@@ -331,7 +347,12 @@ mod tests {
     #[test]
     fn records_sign_once_and_keep_the_signature() {
         let s = signer();
-        let r = Record::new("k".into(), &[1; 32], &[2; 32], None);
+        let owner = Owner {
+            backend: "b".into(),
+            via: None,
+            key_id: "k".into(),
+        };
+        let r = Record::new(owner, &[1; 32], &[2; 32], None);
         assert_eq!(r.text.len(), 129);
         let (first, made) = r.signature(&s, Algo::Ecdsa);
         assert!(made);

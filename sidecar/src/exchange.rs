@@ -10,12 +10,10 @@ use axum::http::StatusCode;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
-use crate::metrics::{
-    BackendLabels, ErrorLabels, Metrics, ModelLabels, ReasonLabels, RequestLabels, TokenLabels,
-};
+use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, TokenLabels};
 use crate::quota::KeySlot;
 use crate::stream::{End, EndCause, OnEnd};
-use crate::table::{now_ns, Backend, KeyEntry};
+use crate::table::{now_ns, Backend, KeyEntry, Route};
 use crate::usage::{now_unix_ms, UsageRecord};
 use crate::AppState;
 
@@ -24,7 +22,9 @@ pub struct Exchange {
     pub state: Arc<AppState>,
     pub request_id: String,
     pub key: Arc<KeyEntry>,
-    pub model: String,
+    pub route: Arc<Route>,
+    /// Index of the target in `route.targets`.
+    pub target: usize,
     pub backend: Arc<Backend>,
     /// The peer sidecar this went through, when not served here.
     pub via: Option<String>,
@@ -54,13 +54,14 @@ impl OnEnd for Exchange {
     fn on_end(self, end: End) {
         let m = &self.state.metrics;
         let duration = self.received.elapsed();
-        m.requests
-            .get_or_create(&RequestLabels {
-                model: self.model.clone(),
-                backend: self.backend.id.clone(),
-                status: Metrics::status_class(self.status.as_u16()),
-            })
-            .inc();
+        let route = &self.route;
+        let rm = route.metrics.get_or_init(|| {
+            m.for_route(
+                &route.name,
+                route.targets.iter().map(|t| t.backend.id.clone()),
+            )
+        });
+        rm.requests[self.target][Metrics::status_index(self.status.as_u16())].inc();
         m.stream_ends
             .get_or_create(&ReasonLabels {
                 reason: end.cause.label(),
@@ -71,30 +72,23 @@ impl OnEnd for Exchange {
             EndCause::UpstreamError => self.count_upstream_error("dropped"),
             _ => {}
         }
-        let model = ModelLabels {
-            model: self.model.clone(),
-        };
-        m.duration
-            .get_or_create(&model)
-            .observe(duration.as_secs_f64());
+        rm.duration.observe(duration.as_secs_f64());
         let ttft = end
             .first_chunk
             .map(|t| t.saturating_duration_since(self.received));
         if let Some(ttft) = ttft {
-            m.ttft.get_or_create(&model).observe(ttft.as_secs_f64());
+            rm.ttft.observe(ttft.as_secs_f64());
         }
         if let (Some(first), Some(last)) = (end.first_chunk, end.last_chunk) {
             if end.frames > 1 {
                 let gap = last.saturating_duration_since(first) / (end.frames - 1) as u32;
-                m.inter_token
-                    .get_or_create(&model)
-                    .observe(gap.as_secs_f64());
+                rm.inter_token.observe(gap.as_secs_f64());
             }
         }
         let usage = end.scan.usage;
         if let Some(u) = usage {
             let labels = TokenLabels {
-                model: self.model.clone(),
+                model: route.name.clone(),
                 key: self.key.id.clone(),
             };
             m.prompt_tokens
@@ -118,7 +112,7 @@ impl OnEnd for Exchange {
         tracing::debug!(
             request_id = %self.request_id,
             key = %self.key.id,
-            model = %self.model,
+            model = %self.route.name,
             backend = %self.backend.id,
             response_id = end.scan.id.as_deref().unwrap_or("-"),
             cause = end.cause.label(),
@@ -133,7 +127,7 @@ impl OnEnd for Exchange {
                 request_id: self.request_id,
                 response_id: end.scan.id,
                 key_id: self.key.id.clone(),
-                model: self.model,
+                model: self.route.name.clone(),
                 backend: self.backend.id.clone(),
                 status: self.status.as_u16(),
                 prompt_tokens: usage.map(|u| u.prompt_tokens),
@@ -170,10 +164,15 @@ impl Slot {
                 (max == 0 || n < max).then_some(n + 1)
             })
             .ok()?;
-        let gauge = metrics
-            .in_flight
-            .get_or_create(&BackendLabels {
-                backend: backend.id.clone(),
+        let gauge = backend
+            .in_flight_gauge
+            .get_or_init(|| {
+                metrics
+                    .in_flight
+                    .get_or_create(&BackendLabels {
+                        backend: backend.id.clone(),
+                    })
+                    .clone()
             })
             .clone();
         gauge.inc();

@@ -48,7 +48,7 @@ pub struct AppState {
     pub signer: Signer,
     pub records: Records,
     pub tee: Option<TeeSource>,
-    /// Response id -> the backend (and sidecar) that produced it.
+    /// Owners learnt from peers (answers seen here are in `records`).
     pub owners: Owners,
     /// This sidecar's public URL as other sidecars reach it; backends whose
     /// `sidecar` is this URL are local.
@@ -205,16 +205,14 @@ impl AppState {
         end: &End,
     ) {
         let Some(id) = &end.scan.id else { return };
-        self.owners.remember(
-            id.clone(),
-            Owner {
-                backend: backend.id.clone(),
-                via: via.map(str::to_owned),
-                key_id: key.id.clone(),
-            },
-        );
+        let owner = Owner {
+            backend: backend.id.clone(),
+            via: via.map(str::to_owned),
+            key_id: key.id.clone(),
+        };
         if via.is_some() {
-            // The sidecar next to the model keeps the record and signs.
+            // The sidecar next to the model keeps the hashes and signs.
+            self.records.insert(id.clone(), Record::forwarded(owner));
             return;
         }
         let unsigned = if !status.is_success() {
@@ -228,12 +226,7 @@ impl AppState {
         };
         self.records.insert(
             id.clone(),
-            Record::new(
-                key.id.clone(),
-                &request_sha256,
-                &end.response_sha256,
-                unsigned,
-            ),
+            Record::new(owner, &request_sha256, &end.response_sha256, unsigned),
         );
     }
 }
@@ -242,6 +235,9 @@ impl AppState {
     /// Who produced response `id`: remembered here, or learnt from a peer
     /// (never when this request is itself a hop, so look-ups do not bounce).
     pub async fn find_owner(&self, id: &str, headers: &axum::http::HeaderMap) -> Option<Owner> {
+        if let Some(r) = self.records.get(id) {
+            return Some(r.owner.clone());
+        }
         if let Some(o) = self.owners.get(id) {
             return Some(o);
         }

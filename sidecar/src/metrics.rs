@@ -53,6 +53,15 @@ pub struct VersionLabels {
     pub version: String,
 }
 
+/// Per-route handles, looked up once per table (not per request).
+pub struct RouteMetrics {
+    pub duration: Histogram,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    /// Per target: requests by status class (2xx, 4xx, 5xx, other).
+    pub requests: Vec<[Counter; 4]>,
+}
+
 pub struct Metrics {
     registry: Registry,
     // Families are cheap handles (Arc inside); clones are registered.
@@ -188,6 +197,39 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    pub fn for_route(&self, model: &str, backends: impl Iterator<Item = String>) -> RouteMetrics {
+        let labels = ModelLabels {
+            model: model.to_owned(),
+        };
+        RouteMetrics {
+            duration: self.duration.get_or_create(&labels).clone(),
+            ttft: self.ttft.get_or_create(&labels).clone(),
+            inter_token: self.inter_token.get_or_create(&labels).clone(),
+            requests: backends
+                .map(|backend| {
+                    ["2xx", "4xx", "5xx", "other"].map(|status| {
+                        self.requests
+                            .get_or_create(&RequestLabels {
+                                model: model.to_owned(),
+                                backend: backend.clone(),
+                                status,
+                            })
+                            .clone()
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    pub fn status_index(status: u16) -> usize {
+        match status {
+            200..=299 => 0,
+            400..=499 => 1,
+            500..=599 => 2,
+            _ => 3,
+        }
     }
 
     pub fn status_class(status: u16) -> &'static str {

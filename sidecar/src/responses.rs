@@ -116,7 +116,7 @@ async fn passthrough(resp: reqwest::Response) -> Response<Body> {
 /// a look-up visits each sidecar at most once.
 pub async fn from_peers(
     s: &AppState,
-    id: &str,
+    via: Option<&str>,
     path_and_query: &str,
     headers: &HeaderMap,
 ) -> Option<Response<Body>> {
@@ -124,11 +124,9 @@ pub async fn from_peers(
         return None;
     }
     let table = s.table.load_full();
-    let owner_via = s.owners.get(id).and_then(|o| o.via);
-    let all = peers::peers(&table, s.self_url.as_deref());
-    let ask: Vec<&str> = match &owner_via {
-        Some(v) => vec![v.as_str()],
-        None => all,
+    let ask: Vec<&str> = match via {
+        Some(v) => vec![v],
+        None => peers::peers(&table, s.self_url.as_deref()),
     };
     let hdrs = peers::peer_headers(headers, s.self_url.as_deref());
     let (status, resp_headers, body) =

@@ -49,6 +49,8 @@ pub struct Route {
     pub total_weight: u64,
     /// Round-robin cursor; relaxed ordering is enough, it only spreads load.
     pub cursor: AtomicUsize,
+    /// Metric handles, bound on first use.
+    pub metrics: std::sync::OnceLock<crate::metrics::RouteMetrics>,
 }
 
 pub struct RouteTarget {
@@ -70,6 +72,8 @@ pub struct Backend {
     /// Fixed per id so rendezvous hashing agrees across replicas.
     pub id_hash: u64,
     pub counters: Arc<BackendCounters>,
+    /// The in-flight gauge handle, bound on first use.
+    pub in_flight_gauge: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
     /// Per backend so each gets its own connect deadline; kept across swaps
     /// (with its connection pool) while URL and deadline stay the same.
     client: reqwest::Client,
@@ -181,6 +185,7 @@ impl Table {
                     api_key,
                     id_hash: xxhash_rust::xxh3::xxh3_64(b.id.as_bytes()),
                     counters,
+                    in_flight_gauge: std::sync::OnceLock::new(),
                     client,
                 }),
             );
@@ -203,6 +208,7 @@ impl Table {
                 total_weight: targets.iter().map(|t| t.weight as u64).sum(),
                 targets,
                 cursor: AtomicUsize::new(0),
+                metrics: std::sync::OnceLock::new(),
             });
             for n in std::iter::once(&m.name).chain(&m.aliases) {
                 models.insert(n.clone(), route.clone());

@@ -407,3 +407,25 @@ async fn wait_for(cond: impl Fn() -> bool) {
     }
     panic!("condition not reached in time");
 }
+
+/// Guards against the 40 ms Nagle/delayed-ACK stall: sockets on both sides
+/// set TCP_NODELAY, so an instant 200-token stream takes milliseconds. The
+/// bound is loose on purpose (a stall costs 40 ms each time); speed itself
+/// is measured in benches/, not here.
+#[tokio::test]
+async fn an_instant_200_token_stream_is_not_held_back_by_nagle() {
+    let sim = simulator("s0", 200, 0).await;
+    let gw = gateway(config(&[&sim.url], "", "")).await;
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        let body = post_chat(&gw, KEY, &chat_body("m", true), &[])
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(sse_data(&body).len(), 202);
+        best = best.min(start.elapsed());
+    }
+    assert!(best < Duration::from_millis(40), "best of 5 took {best:?}");
+}
