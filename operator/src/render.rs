@@ -1,0 +1,229 @@
+//! The pure heart of the operator: cluster objects in, one deterministic
+//! `GatewayConfig` out (plus what each object's status should say). No IO,
+//! so plain unit tests cover every rule.
+//!
+//! Names are namespaced in the rendered config (`ns/provider`, and
+//! `ns/provider/podIP` per endpoint) so two namespaces never collide; public
+//! model names are global, and the first route by (namespace, name) wins a
+//! clash.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
+use infergate_sidecar::config::{
+    self, ApiKey, Backend, GatewayConfig, ModelRoute as RouteConfig, Sticky, Target, Timeouts,
+};
+
+/// (namespace, name)
+pub type ObjectKey = (String, String);
+
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub providers: BTreeMap<ObjectKey, InferenceProviderSpec>,
+    pub routes: BTreeMap<ObjectKey, ModelRouteSpec>,
+    /// Key id -> the key itself (read from its Secret; only its hash leaves).
+    pub keys: BTreeMap<String, String>,
+    /// (namespace, service) -> ready endpoint addresses, from EndpointSlices.
+    pub endpoints: BTreeMap<ObjectKey, BTreeSet<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderOutcome {
+    pub ready_backends: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteOutcome {
+    /// Why the route is not accepted (a name clash), if it is not.
+    pub rejected: Option<String>,
+    /// Providers the route names that do not exist.
+    pub missing: Vec<String>,
+    pub resolved_backends: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub config: GatewayConfig,
+    pub version: String,
+    pub providers: BTreeMap<ObjectKey, ProviderOutcome>,
+    pub routes: BTreeMap<ObjectKey, RouteOutcome>,
+}
+
+/// Where the chart mounts a provider's upstream key Secret in the sidecar.
+pub fn upstream_key_path(secret: &str, key: &str) -> String {
+    format!("/var/run/infergate/upstream/{secret}/{key}")
+}
+
+pub fn render(inputs: &Inputs) -> Rendered {
+    let mut backends = Vec::new();
+    let mut by_provider: BTreeMap<&ObjectKey, Vec<String>> = BTreeMap::new();
+    let mut providers = BTreeMap::new();
+    for (key @ (ns, name), spec) in &inputs.providers {
+        let made = provider_backends(ns, name, spec, inputs);
+        providers.insert(
+            key.clone(),
+            ProviderOutcome {
+                ready_backends: made.len() as u32,
+            },
+        );
+        by_provider.insert(key, made.iter().map(|b| b.id.clone()).collect());
+        backends.extend(made);
+    }
+
+    let mut routes = BTreeMap::new();
+    let mut models = Vec::new();
+    let mut taken = BTreeSet::new();
+    for (key @ (ns, _), spec) in &inputs.routes {
+        let names: Vec<&String> = std::iter::once(&spec.model).chain(&spec.aliases).collect();
+        if let Some(clash) = names.iter().find(|n| taken.contains(n.as_str())) {
+            routes.insert(
+                key.clone(),
+                RouteOutcome {
+                    rejected: Some(format!(
+                        "model name or alias {clash:?} is already used by another ModelRoute"
+                    )),
+                    missing: Vec::new(),
+                    resolved_backends: 0,
+                },
+            );
+            continue;
+        }
+        let mut missing = Vec::new();
+        let mut targets = Vec::new();
+        for b in &spec.backends {
+            match by_provider.get(&(ns.clone(), b.provider.clone())) {
+                None => missing.push(b.provider.clone()),
+                Some(ids) => targets.extend(ids.iter().map(|id| Target {
+                    backend: id.clone(),
+                    upstream_model: b.upstream_model.clone(),
+                    weight: b.weight.max(1),
+                })),
+            }
+        }
+        routes.insert(
+            key.clone(),
+            RouteOutcome {
+                rejected: None,
+                missing,
+                resolved_backends: targets.len() as u32,
+            },
+        );
+        if targets.is_empty() {
+            // Nothing to send it to: the sidecars answer 404 for it, and the
+            // route's status says why.
+            continue;
+        }
+        taken.extend(names.iter().map(|n| n.to_string()));
+        models.push(RouteConfig {
+            name: spec.model.clone(),
+            aliases: spec.aliases.clone(),
+            strategy: match spec.strategy {
+                Strategy::RoundRobin => config::Strategy::RoundRobin,
+                Strategy::LeastInFlight => config::Strategy::LeastInFlight,
+            },
+            sticky: spec
+                .sticky
+                .as_ref()
+                .map_or_else(Sticky::default, |s| Sticky {
+                    header: s.header.clone(),
+                    user: s.user,
+                    previous_response_id: s.previous_response_id,
+                }),
+            targets,
+        });
+    }
+
+    let keys = inputs
+        .keys
+        .iter()
+        .map(|(id, key)| ApiKey {
+            id: id.clone(),
+            sha256: config::hash_key(key),
+            models: inputs
+                .routes
+                .values()
+                .filter(|r| models.iter().any(|m| m.name == r.model))
+                .filter(|r| r.api_keys.is_empty() || r.api_keys.contains(id))
+                .map(|r| r.model.clone())
+                .collect(),
+            admin: false,
+            limits: None,
+        })
+        .collect();
+
+    let mut config = GatewayConfig {
+        version: None,
+        keys,
+        backends,
+        models,
+        timeouts: Timeouts::default(),
+        limits: Default::default(),
+    };
+    let version = config.computed_version();
+    config.version = Some(version.clone());
+    Rendered {
+        config,
+        version,
+        providers,
+        routes,
+    }
+}
+
+fn provider_backends(
+    ns: &str,
+    name: &str,
+    spec: &InferenceProviderSpec,
+    inputs: &Inputs,
+) -> Vec<Backend> {
+    let defaults = Timeouts::default();
+    let timeouts = spec.timeouts.map(|t| Timeouts {
+        connect_ms: t.connect_ms.unwrap_or(defaults.connect_ms),
+        first_byte_ms: t.first_byte_ms.unwrap_or(defaults.first_byte_ms),
+        idle_ms: t.idle_ms.unwrap_or(defaults.idle_ms),
+        total_ms: 0,
+    });
+    let base = |id: String, url: String, sidecar: Option<String>| Backend {
+        id,
+        url,
+        sidecar,
+        attestation: spec.attestation,
+        max_in_flight: spec.max_concurrent_requests,
+        api_key_file: spec
+            .api_key_secret
+            .as_ref()
+            .map(|s| upstream_key_path(&s.name, &s.key)),
+        timeouts,
+    };
+    let id = format!("{ns}/{name}");
+    if let Some(url) = &spec.url {
+        return vec![base(id, url.trim_end_matches('/').to_owned(), None)];
+    }
+    if let Some(svc) = &spec.service {
+        let url = format!("http://{}.{ns}.svc:{}", svc.name, svc.port);
+        return vec![base(id, url, None)];
+    }
+    let Some(ep) = &spec.endpoints else {
+        return Vec::new();
+    };
+    inputs
+        .endpoints
+        .get(&(ns.to_owned(), ep.service.clone()))
+        .into_iter()
+        .flatten()
+        .map(|ip| {
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.clone()
+            };
+            base(
+                format!("{id}/{ip}"),
+                format!("http://{host}:{}", ep.port),
+                Some(format!("http://{host}:{}", ep.sidecar_port)),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,161 @@
+use super::*;
+use infergate_crds::{EndpointsTarget, RouteBackend, SecretKeyRef, ServiceTarget};
+
+fn provider(url: Option<&str>) -> InferenceProviderSpec {
+    serde_json::from_value(serde_json::json!({"url": url})).unwrap()
+}
+
+fn route(model: &str, providers: &[&str]) -> ModelRouteSpec {
+    ModelRouteSpec {
+        model: model.into(),
+        aliases: vec![],
+        backends: providers
+            .iter()
+            .map(|p| RouteBackend {
+                provider: p.to_string(),
+                upstream_model: None,
+                weight: 1,
+            })
+            .collect(),
+        strategy: Strategy::RoundRobin,
+        sticky: None,
+        api_keys: vec![],
+    }
+}
+
+fn key(ns: &str, name: &str) -> ObjectKey {
+    (ns.into(), name.into())
+}
+
+fn inputs() -> Inputs {
+    let mut i = Inputs::default();
+    i.providers
+        .insert(key("ai", "ext"), provider(Some("https://api.example.com/")));
+    let mut pods = provider(None);
+    pods.url = None;
+    pods.endpoints = Some(EndpointsTarget {
+        service: "vllm".into(),
+        port: 8000,
+        sidecar_port: 8080,
+    });
+    pods.api_key_secret = Some(SecretKeyRef {
+        name: "up".into(),
+        key: "token".into(),
+    });
+    i.providers.insert(key("ai", "pods"), pods);
+    i.endpoints.insert(
+        key("ai", "vllm"),
+        ["10.0.0.2".to_string(), "10.0.0.1".to_string()].into(),
+    );
+    let mut r = route("llama", &["pods"]);
+    r.aliases = vec!["l".into()];
+    i.routes.insert(key("ai", "llama"), r);
+    i.keys
+        .insert("team-a".into(), "ig-team-a-key-000000000".into());
+    i
+}
+
+#[test]
+fn renders_a_valid_config_with_one_backend_per_ready_pod() {
+    let r = render(&inputs());
+    r.config.validate().unwrap();
+    let ids: Vec<&str> = r.config.backends.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, ["ai/ext", "ai/pods/10.0.0.1", "ai/pods/10.0.0.2"]);
+    let pod = &r.config.backends[1];
+    assert_eq!(pod.url, "http://10.0.0.1:8000");
+    assert_eq!(pod.sidecar.as_deref(), Some("http://10.0.0.1:8080"));
+    assert_eq!(
+        pod.api_key_file.as_deref(),
+        Some("/var/run/infergate/upstream/up/token")
+    );
+    assert_eq!(r.config.backends[0].url, "https://api.example.com");
+    assert_eq!(r.config.models[0].targets.len(), 2);
+    assert_eq!(r.providers[&key("ai", "pods")].ready_backends, 2);
+    assert_eq!(r.routes[&key("ai", "llama")].resolved_backends, 2);
+}
+
+#[test]
+fn keys_are_hashed_never_copied() {
+    let r = render(&inputs());
+    let json = serde_json::to_string(&r.config).unwrap();
+    assert!(!json.contains("ig-team-a-key-000000000"));
+    assert_eq!(
+        r.config.keys[0].sha256,
+        infergate_sidecar::config::hash_key("ig-team-a-key-000000000")
+    );
+    assert_eq!(r.config.keys[0].models, ["llama"]);
+}
+
+#[test]
+fn deterministic_whatever_the_input_order_and_version_is_the_hash() {
+    let a = render(&inputs());
+    let mut reversed = Inputs::default();
+    let i = inputs();
+    for (k, v) in i.providers.iter().rev() {
+        reversed.providers.insert(k.clone(), v.clone());
+    }
+    reversed.routes = i.routes.clone();
+    reversed.keys = i.keys.clone();
+    reversed.endpoints = i.endpoints.clone();
+    let b = render(&reversed);
+    assert_eq!(
+        serde_json::to_string(&a.config).unwrap(),
+        serde_json::to_string(&b.config).unwrap()
+    );
+    assert_eq!(a.version, a.config.computed_version());
+}
+
+#[test]
+fn a_route_to_a_missing_provider_says_which_and_is_left_out() {
+    let mut i = inputs();
+    i.routes
+        .insert(key("ai", "broken"), route("other", &["nope"]));
+    let mut partial = route("partial", &["ext", "gone"]);
+    partial.api_keys = vec!["someone-else".into()];
+    i.routes.insert(key("ai", "partial"), partial);
+    let r = render(&i);
+    r.config.validate().unwrap();
+    assert_eq!(r.routes[&key("ai", "broken")].missing, ["nope"]);
+    assert!(r.config.models.iter().all(|m| m.name != "other"));
+    assert_eq!(r.routes[&key("ai", "partial")].missing, ["gone"]);
+    assert_eq!(r.routes[&key("ai", "partial")].resolved_backends, 1);
+    // team-a is not among the partial route's keys.
+    assert_eq!(r.config.keys[0].models, ["llama"]);
+}
+
+#[test]
+fn name_clashes_reject_the_later_route() {
+    let mut i = inputs();
+    i.routes.insert(key("ai", "zz-dup"), route("l", &["ext"]));
+    let r = render(&i);
+    r.config.validate().unwrap();
+    assert!(r.routes[&key("ai", "zz-dup")].rejected.is_some());
+    assert_eq!(r.config.models.len(), 1);
+}
+
+#[test]
+fn services_render_to_cluster_dns_and_deleted_objects_disappear() {
+    let mut i = inputs();
+    let mut svc = provider(None);
+    svc.url = None;
+    svc.service = Some(ServiceTarget {
+        name: "vllm-svc".into(),
+        port: 8000,
+    });
+    i.providers.insert(key("ai", "svc"), svc);
+    let r = render(&i);
+    assert!(r
+        .config
+        .backends
+        .iter()
+        .any(|b| b.url == "http://vllm-svc.ai.svc:8000"));
+    i.routes.clear();
+    i.providers.remove(&key("ai", "pods"));
+    let r = render(&i);
+    assert!(r.config.models.is_empty());
+    assert!(r
+        .config
+        .backends
+        .iter()
+        .all(|b| !b.id.starts_with("ai/pods")));
+}
