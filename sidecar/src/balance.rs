@@ -222,6 +222,7 @@ mod tests {
             }
         }
         // Ideal is 1/5 of sessions; `hash % n` would move about 4/5.
+        eprintln!("4 -> 5 backends: {moved} of 10000 sessions moved");
         assert!((1_600..2_400).contains(&moved), "moved {moved}");
     }
 }
