@@ -2,4 +2,5 @@
 //! sidecars' `GatewayConfig`, and status condition diffing.
 
 pub mod conditions;
+pub mod push;
 pub mod render;
