@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "infergate.dev";
 /// Label that marks a Secret as an API key (its `key` entry holds the key).
 pub const API_KEY_LABEL: &str = "infergate.dev/api-key";
+/// Secret annotation: the API key's id (default: the Secret's name). The id
+/// is what routes list in `apiKeys` and what logs and metrics show.
+pub const API_KEY_ID_ANNOTATION: &str = "infergate.dev/key-id";
 /// Label that marks a pod as running an infergate sidecar.
 pub const SIDECAR_LABEL: &str = "infergate.dev/sidecar";
 /// Pod annotation: the sidecar's admin port (default 9090).

@@ -1,6 +1,15 @@
 //! infergate operator library: the pure `render` of cluster objects into the
-//! sidecars' `GatewayConfig`, and status condition diffing.
+//! sidecars' `GatewayConfig`, status condition diffing, pushing configs to
+//! sidecars, leader election and the reconcile pass that ties them together.
 
+pub mod cache;
 pub mod conditions;
+pub mod error;
+pub mod inputs;
+pub mod leader;
+pub mod metrics;
 pub mod push;
+pub mod reconcile;
 pub mod render;
+
+pub use error::{Error, Result};

@@ -133,12 +133,17 @@ pub fn render(inputs: &Inputs) -> Rendered {
         });
     }
 
+    // Two ids holding the same key would make the config ambiguous (the
+    // sidecar refuses it): the first id in order keeps it.
+    let mut hashes = BTreeSet::new();
     let keys = inputs
         .keys
         .iter()
-        .map(|(id, key)| ApiKey {
+        .map(|(id, key)| (id, config::hash_key(key)))
+        .filter(|(_, hash)| hashes.insert(hash.clone()))
+        .map(|(id, sha256)| ApiKey {
             id: id.clone(),
-            sha256: config::hash_key(key),
+            sha256,
             models: inputs
                 .routes
                 .values()

@@ -87,6 +87,17 @@ fn keys_are_hashed_never_copied() {
 }
 
 #[test]
+fn one_key_under_two_ids_is_kept_once() {
+    let mut i = inputs();
+    i.keys
+        .insert("team-b".into(), "ig-team-a-key-000000000".into());
+    let r = render(&i);
+    r.config.validate().unwrap();
+    let ids: Vec<&str> = r.config.keys.iter().map(|k| k.id.as_str()).collect();
+    assert_eq!(ids, ["team-a"]);
+}
+
+#[test]
 fn deterministic_whatever_the_input_order_and_version_is_the_hash() {
     let a = render(&inputs());
     let mut reversed = Inputs::default();

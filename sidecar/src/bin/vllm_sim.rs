@@ -1,4 +1,8 @@
-//! `vllm-sim`: an OpenAI-compatible vLLM simulator with fault modes.
+//! `vllm-sim`: a vLLM simulator (OpenAI-compatible, vLLM's framing, fault
+//! modes) for the demo, the benchmarks and tests that run processes.
+//!
+//! Prints exactly one line, `vllm-sim listening on http://IP:PORT`, which
+//! scripts parse to find the port when `--listen` asks for port 0.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,24 +17,26 @@ use infergate_sidecar::sim::{self, Fault, SimConfig};
     about = "vLLM simulator: OpenAI-compatible, vLLM framing, fault modes"
 )]
 struct Args {
+    /// Address to listen on; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
-    /// Name reported in the `x-sim-backend` header.
+    /// Name sent in the `x-sim-backend` header of every answer.
     #[arg(long, default_value = "sim")]
     id: String,
-    /// Model names served (repeatable).
+    /// Model name served (repeatable).
     #[arg(long = "model", default_values_t = ["sim-model".to_string()])]
     models: Vec<String>,
-    /// Completion tokens per answer (capped by max_tokens).
+    /// Completion tokens per answer (a request's max_tokens may cut it).
     #[arg(long, default_value_t = 16)]
     tokens: usize,
-    /// Delay before each token.
+    /// Delay before each token, in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
     /// 500 | refuse | stall-after:N | drop-after:N | malformed-after:N | slow-headers:MS
     #[arg(long)]
     fault: Option<Fault>,
-    #[arg(long, env = "VLLM_SIM_API_KEY")]
+    /// Require `Authorization: Bearer <key>` on /v1/*.
+    #[arg(long, env = "VLLM_SIM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
 }
 
@@ -50,16 +56,17 @@ async fn main() -> std::io::Result<()> {
     println!("vllm-sim listening on http://{addr}");
     std::io::stdout().flush()?;
     tokio::select! {
-        r = sim::serve(listener, config) => r,
+        served = sim::serve(listener, config) => served,
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = terminate() => Ok(()),
     }
 }
 
 async fn terminate() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut s) => {
-            s.recv().await;
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            term.recv().await;
         }
         Err(_) => std::future::pending().await,
     }

@@ -1,0 +1,359 @@
+//! One reconcile pass, top to bottom: read the caches, render, store the
+//! config in its ConfigMap, push it to every ready sidecar, write status.
+//! Every object feeds the one config, so there is one pass for everything,
+//! run by `run` on any change (debounced), on a resync timer (which is how a
+//! sidecar that restarted without its pod changing gets the config back) and
+//! on a back-off after a failure. Only the leader runs passes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use infergate_crds::{InferenceProviderStatus, ModelRoute, ModelRouteStatus};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::cache::{all, Stores};
+use crate::conditions;
+use crate::metrics::{Metrics, PushLabels};
+use crate::push::{push_all, Pushed};
+use crate::render::{render, Rendered};
+use crate::{inputs, Error, Result};
+
+pub const FIELD_MANAGER: &str = "infergate-operator";
+/// The ConfigMap entry holding the rendered `GatewayConfig` as JSON.
+pub const CONFIG_KEY: &str = "config.json";
+
+/// Everything a pass needs; no logic of its own.
+pub struct Context {
+    pub client: Client,
+    pub http: reqwest::Client,
+    /// The operator's namespace: where its ConfigMap lives.
+    pub namespace: String,
+    pub config_map: String,
+    /// Re-read every pass, so a rotated Secret is picked up.
+    pub admin_token_file: PathBuf,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub stores: Stores,
+}
+
+/// What this leader wrote, so a pass whose cache has not yet seen its own
+/// last write does not write the same thing again.
+#[derive(Default)]
+pub struct Memory {
+    stored_version: Option<String>,
+    /// object -> (resourceVersion it had when we wrote, status we wrote)
+    statuses: HashMap<(String, String, String), (Option<String>, serde_json::Value)>,
+}
+
+pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
+    let providers = all(&ctx.stores.providers);
+    let routes = all(&ctx.stores.routes);
+    let secrets = all(&ctx.stores.secrets);
+    let slices = all(&ctx.stores.slices);
+    let pods = all(&ctx.stores.pods);
+
+    let rendered = render(&inputs::gather(&providers, &routes, &secrets, &slices));
+    rendered.config.validate()?;
+
+    if memory.stored_version.as_deref() != Some(rendered.version.as_str()) {
+        store_config(ctx, &rendered).await?;
+        tracing::info!(version = %rendered.version, "stored config");
+        memory.stored_version = Some(rendered.version.clone());
+    }
+
+    let sidecars = inputs::sidecars(&pods);
+    let token = std::fs::read_to_string(&ctx.admin_token_file).map_err(Error::Token)?;
+    let results = push_all(
+        &ctx.http,
+        &sidecars,
+        &rendered.config,
+        &rendered.version,
+        token.trim(),
+    )
+    .await;
+    let mut failed = 0;
+    for (sidecar, result) in sidecars.iter().zip(&results) {
+        let result_label = result.metric_label();
+        ctx.metrics
+            .pushes
+            .get_or_create(&PushLabels {
+                result: result_label,
+            })
+            .inc();
+        match result {
+            Pushed::Applied => {
+                tracing::info!(sidecar = %sidecar.name, version = %rendered.version, "pushed config")
+            }
+            Pushed::Current => {}
+            Pushed::Failed(why) => {
+                failed += 1;
+                tracing::warn!(sidecar = %sidecar.name, reason = %why, "config push failed");
+                let (ns, name) = sidecar.name.split_once('/').unwrap_or(("", &sidecar.name));
+                let pod = ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    namespace: Some(ns.into()),
+                    name: Some(name.into()),
+                    ..Default::default()
+                };
+                warn_event(ctx, &pod, "ConfigPushFailed", why.clone()).await;
+            }
+        }
+    }
+    let programmed = results.iter().filter(|r| r.runs_version()).count();
+    ctx.metrics.sidecars_programmed.set(programmed as i64);
+
+    let now = Time(Timestamp::now());
+    for p in &providers {
+        let Some(outcome) = rendered.providers.get(&object_key(&**p)) else {
+            continue;
+        };
+        let current = p.status.clone().unwrap_or_default();
+        let desired = conditions::for_provider(outcome);
+        let (conditions, changed) =
+            conditions::merge(&current.conditions, &desired, p.metadata.generation, &now);
+        let status = InferenceProviderStatus {
+            ready_backends: outcome.ready_backends,
+            observed_generation: p.metadata.generation,
+            conditions,
+        };
+        if changed || status.ready_backends != current.ready_backends {
+            write_status(ctx, memory, &**p, &status).await?;
+        }
+    }
+    for r in &routes {
+        let Some(outcome) = rendered.routes.get(&object_key(&**r)) else {
+            continue;
+        };
+        let current = r.status.clone().unwrap_or_default();
+        let desired = conditions::for_route(outcome, programmed, sidecars.len());
+        let (conditions, changed) =
+            conditions::merge(&current.conditions, &desired, r.metadata.generation, &now);
+        let status = ModelRouteStatus {
+            resolved_backends: outcome.resolved_backends,
+            observed_generation: r.metadata.generation,
+            conditions,
+        };
+        let differs = changed || status.resolved_backends != current.resolved_backends;
+        if differs && write_status(ctx, memory, &**r, &status).await? {
+            route_events(ctx, r, &current.conditions, &status.conditions).await;
+        }
+    }
+
+    if failed > 0 {
+        return Err(Error::Push {
+            failed,
+            total: sidecars.len(),
+        });
+    }
+    Ok(())
+}
+
+fn object_key(obj: &impl ResourceExt) -> (String, String) {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// The ConfigMap a restarted sidecar can boot from, by server-side apply.
+async fn store_config(ctx: &Context, rendered: &Rendered) -> Result<()> {
+    let json = serde_json::to_string_pretty(&rendered.config).expect("config serialises");
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": ctx.config_map,
+            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+            "annotations": {"infergate.dev/config-version": rendered.version},
+        },
+        "data": {CONFIG_KEY: json},
+    });
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    api.patch(
+        &ctx.config_map,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&cm),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Server-side apply of `status`; `Ok(false)` when skipped because we wrote
+/// exactly this already and the cache has not caught up, or the object is
+/// gone.
+async fn write_status<K>(
+    ctx: &Context,
+    memory: &mut Memory,
+    obj: &K,
+    status: &impl Serialize,
+) -> Result<bool>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let (ns, name) = object_key(obj);
+    let status = serde_json::to_value(status).expect("status serialises");
+    let key = (K::kind(&()).into_owned(), ns.clone(), name.clone());
+    let version = obj.meta().resource_version.clone();
+    if let Some((seen, written)) = memory.statuses.get(&key) {
+        if *seen == version && same_but_timestamps(written, &status) {
+            return Ok(false);
+        }
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    match api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    tracing::debug!(kind = %K::kind(&()), namespace = %ns, name = %name, "status written");
+    memory.statuses.insert(key, (version, status));
+    Ok(true)
+}
+
+fn same_but_timestamps(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    fn strip(v: &serde_json::Value) -> serde_json::Value {
+        let mut v = v.clone();
+        if let Some(cs) = v.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+            for c in cs {
+                if let Some(c) = c.as_object_mut() {
+                    c.remove("lastTransitionTime");
+                }
+            }
+        }
+        v
+    }
+    strip(a) == strip(b)
+}
+
+/// A Warning event when a route's `ResolvedRefs` or `Accepted` turns false
+/// (or its reason changes), not on every pass.
+async fn route_events(
+    ctx: &Context,
+    route: &ModelRoute,
+    before: &[Condition],
+    after: &[Condition],
+) {
+    for kind in ["Accepted", "ResolvedRefs"] {
+        let Some(now) = after.iter().find(|c| c.type_ == kind) else {
+            continue;
+        };
+        let was = before.iter().find(|c| c.type_ == kind);
+        let news = was.is_none_or(|w| w.status != now.status || w.reason != now.reason);
+        if now.status == "False" && news {
+            let reference = route.object_ref(&());
+            warn_event(ctx, &reference, &now.reason, now.message.clone()).await;
+        }
+    }
+}
+
+async fn warn_event(ctx: &Context, regarding: &ObjectReference, reason: &str, note: String) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, regarding).await {
+        tracing::warn!(error = %e, reason, "could not publish event");
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Wait this long after a change before a pass, so a burst of changes
+    /// (an `kubectl apply -f dir/`) becomes one config.
+    pub debounce: Duration,
+    /// A pass at least this often, even with no change.
+    pub resync: Duration,
+    /// Back-off after a failed pass: doubles from `retry_min` up to `resync`.
+    pub retry_min: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            debounce: Duration::from_millis(200),
+            resync: Duration::from_secs(30),
+            retry_min: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Run passes while leading, until `shutdown` flips.
+pub async fn run(
+    ctx: Context,
+    trigger: Arc<Notify>,
+    mut leading: watch::Receiver<bool>,
+    timing: Timing,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut memory = Memory::default();
+    let mut wait = timing.resync;
+    let mut retry = timing.retry_min;
+    loop {
+        tokio::select! {
+            _ = trigger.notified() => {}
+            changed = leading.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        tokio::time::sleep(timing.debounce).await;
+        let leads = *leading.borrow_and_update();
+        ctx.metrics.leader.set(leads as i64);
+        if !leads {
+            // A later term starts from what the cluster says, not from us.
+            memory = Memory::default();
+            wait = timing.resync;
+            continue;
+        }
+        if !ctx
+            .metrics
+            .synced
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            continue;
+        }
+        let started = Instant::now();
+        let result = pass(&ctx, &mut memory).await;
+        ctx.metrics.observe_pass(
+            started.elapsed(),
+            result.as_ref().err().map(Error::metric_label),
+        );
+        wait = match result {
+            Ok(()) => {
+                retry = timing.retry_min;
+                timing.resync
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "reconcile failed");
+                let now = retry;
+                retry = (retry * 2).min(timing.resync);
+                now
+            }
+        };
+    }
+}

@@ -1,0 +1,287 @@
+//! One reconcile pass with the Kubernetes API answered in-process (kube's
+//! mocked-client pattern) and a real sidecar admin listener: which writes a
+//! pass makes, what they carry, and that a pass with nothing new writes
+//! nothing. Runs everywhere; tests/reconcile.rs does the same against a real
+//! kube-apiserver when one is available.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use infergate_crds::{InferenceProvider, ModelRoute};
+use infergate_operator::cache::Stores;
+use infergate_operator::metrics::Metrics;
+use infergate_operator::reconcile::{pass, Context, Memory};
+use infergate_sidecar::serve::{serve, ServeOptions};
+use infergate_sidecar::{admin_app, AppState, Options};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::Client;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "pass-test-admin-token";
+
+/// Every request the operator made: (method, path?query, body).
+type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+/// Answers like an API server would for the calls a pass makes: a patch
+/// returns the object (with the patched status), a create echoes its body.
+fn fake_api(objects: HashMap<String, Value>) -> (Client, Log) {
+    let log: Log = Arc::default();
+    let seen = log.clone();
+    let service = tower::service_fn(move |req: Request<Body>| {
+        let (log, objects) = (seen.clone(), objects.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let path = parts.uri.path().to_owned();
+            let full = parts.uri.path_and_query().unwrap().to_string();
+            log.lock()
+                .unwrap()
+                .push((parts.method.to_string(), full, sent.clone()));
+            let reply = match objects.get(path.trim_end_matches("/status")) {
+                Some(obj) => {
+                    let mut obj = obj.clone();
+                    obj["status"] = sent["status"].clone();
+                    obj
+                }
+                None => sent,
+            };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            )
+        }
+    });
+    (Client::new(service, "default"), log)
+}
+
+fn store<K>(objects: Vec<Value>) -> Vec<Store<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + 'static,
+{
+    let mut writer = Writer::<K>::new(());
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(o).unwrap()));
+    }
+    vec![writer.as_reader()]
+}
+
+fn provider() -> Value {
+    json!({"apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
+        "metadata": {"name": "p", "namespace": "ai", "generation": 1, "resourceVersion": "1", "uid": "u-p"},
+        "spec": {"url": "http://127.0.0.1:1"}})
+}
+
+fn route(name: &str, provider: &str, status: Option<&Value>) -> Value {
+    let mut r = json!({"apiVersion": "infergate.dev/v1alpha1", "kind": "ModelRoute",
+        "metadata": {"name": name, "namespace": "ai", "generation": 1, "resourceVersion": "1", "uid": format!("u-{name}")},
+        "spec": {"model": format!("{name}-model"), "backends": [{"provider": provider}]}});
+    if let Some(s) = status {
+        r["status"] = s.clone();
+        r["metadata"]["resourceVersion"] = json!("2");
+    }
+    r
+}
+
+fn stores(admin_port: u16, routes: Vec<Value>, provider_status: Option<&Value>) -> Stores {
+    let mut p = provider();
+    if let Some(s) = provider_status {
+        p["status"] = s.clone();
+        p["metadata"]["resourceVersion"] = json!("2");
+    }
+    Stores {
+        providers: store::<InferenceProvider>(vec![p]),
+        routes: store::<ModelRoute>(routes),
+        secrets: store::<Secret>(vec![json!({
+            "metadata": {"name": "team", "namespace": "ai", "labels": {"infergate.dev/api-key": ""}},
+            "data": {"key": "aWctdGVhbS1rZXktMDAwMDAwMDAwMA=="}, // ig-team-key-0000000000
+        })]),
+        slices: store::<EndpointSlice>(vec![]),
+        pods: store::<Pod>(vec![json!({
+            "metadata": {"name": "sidecar-0", "namespace": "ai",
+                "annotations": {"infergate.dev/admin-port": admin_port.to_string()}},
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        })]),
+    }
+}
+
+async fn sidecar() -> (Arc<AppState>, u16) {
+    let state = AppState::new(
+        None,
+        Options {
+            admin_token: Some(TOKEN.into()),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(serve(
+        listener,
+        admin_app(state.clone()),
+        ServeOptions::default(),
+        std::future::pending(),
+    ));
+    (state, port)
+}
+
+fn context(client: Client, stores: Stores, token_file: &std::path::Path) -> Context {
+    Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "infergate-operator".into(),
+                instance: Some("test".into()),
+            },
+        ),
+        client,
+        http: reqwest::Client::new(),
+        namespace: "infergate-system".into(),
+        config_map: "infergate-config".into(),
+        admin_token_file: token_file.to_owned(),
+        metrics: Arc::new(Metrics::default()),
+        stores,
+    }
+}
+
+fn writes(log: &Log) -> Vec<(String, String, Value)> {
+    std::mem::take(&mut *log.lock().unwrap())
+}
+
+fn find<'a>(log: &'a [(String, String, Value)], method: &str, path: &str) -> Option<&'a Value> {
+    log.iter()
+        .find(|(m, p, _)| m == method && p.starts_with(path))
+        .map(|(_, _, body)| body)
+}
+
+fn condition<'a>(status: &'a Value, kind: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == kind)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_pass_stores_pushes_and_writes_status_once() {
+    let (sidecar, port) = sidecar().await;
+    let token_file = std::env::temp_dir().join(format!("ig-pass-token-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let routes = || vec![route("good", "p", None), route("broken", "nope", None)];
+    let objects: HashMap<String, Value> = routes()
+        .into_iter()
+        .map(|r| {
+            let name = r["metadata"]["name"].as_str().unwrap().to_owned();
+            (
+                format!("/apis/infergate.dev/v1alpha1/namespaces/ai/modelroutes/{name}"),
+                r,
+            )
+        })
+        .chain([(
+            "/apis/infergate.dev/v1alpha1/namespaces/ai/inferenceproviders/p".to_owned(),
+            provider(),
+        )])
+        .collect();
+    let (client, log) = fake_api(objects);
+    let mut memory = Memory::default();
+
+    let ctx = context(client.clone(), stores(port, routes(), None), &token_file);
+    pass(&ctx, &mut memory).await.unwrap();
+    let first = writes(&log);
+
+    // The ConfigMap, by server-side apply, holds what the sidecar now runs.
+    let cm_path = "/api/v1/namespaces/infergate-system/configmaps/infergate-config?";
+    let cm = find(&first, "PATCH", cm_path).expect("ConfigMap applied");
+    let (_, query, _) = first
+        .iter()
+        .find(|(_, p, _)| p.starts_with(cm_path))
+        .unwrap();
+    assert!(query.contains("fieldManager=infergate-operator") && query.contains("force=true"));
+    let config: Value = serde_json::from_str(cm["data"]["config.json"].as_str().unwrap()).unwrap();
+    assert_eq!(config["version"], sidecar.current_version());
+    assert_eq!(config["models"].as_array().unwrap().len(), 1);
+    assert!(!cm.to_string().contains("ig-team-key-0000000000"));
+
+    // Status: programmed on 1/1 sidecars; the broken route names `nope`.
+    let status_path = "/apis/infergate.dev/v1alpha1/namespaces/ai/modelroutes";
+    let good = find(&first, "PATCH", &format!("{status_path}/good/status")).unwrap();
+    assert_eq!(good["kind"], "ModelRoute");
+    assert_eq!(condition(&good["status"], "Programmed")["status"], "True");
+    assert_eq!(
+        condition(&good["status"], "Programmed")["message"],
+        "1/1 sidecars run the config with this route"
+    );
+    assert_eq!(good["status"]["observedGeneration"], 1);
+    let broken = find(&first, "PATCH", &format!("{status_path}/broken/status")).unwrap();
+    let refs = condition(&broken["status"], "ResolvedRefs");
+    assert_eq!(refs["reason"], "ProviderNotFound");
+    assert!(refs["message"].as_str().unwrap().contains("nope"));
+    let p = find(
+        &first,
+        "PATCH",
+        "/apis/infergate.dev/v1alpha1/namespaces/ai/inferenceproviders/p/status",
+    )
+    .unwrap();
+    assert_eq!(p["status"]["readyBackends"], 1);
+    let event = find(
+        &first,
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/ai/events",
+    )
+    .unwrap();
+    assert_eq!(event["reason"], "ProviderNotFound");
+    assert_eq!(event["regarding"]["name"], "broken");
+    assert_eq!(event["type"], "Warning");
+
+    // Same inputs, caches not yet showing our writes: nothing is written.
+    pass(&ctx, &mut memory).await.unwrap();
+    assert_eq!(writes(&log), vec![], "a pass with nothing new wrote");
+
+    // Caches caught up (statuses as written): still nothing, even for a
+    // fresh leader with no memory of its writes.
+    let seen = vec![
+        route("good", "p", Some(&good["status"])),
+        route("broken", "nope", Some(&broken["status"])),
+    ];
+    let ctx = context(
+        client.clone(),
+        stores(port, seen.clone(), Some(&p["status"])),
+        &token_file,
+    );
+    pass(&ctx, &mut memory).await.unwrap();
+    assert_eq!(writes(&log), vec![]);
+    let mut fresh = Memory::default();
+    pass(&ctx, &mut fresh).await.unwrap();
+    let only_cm: Vec<_> = writes(&log).into_iter().map(|(m, p, _)| (m, p)).collect();
+    assert_eq!(only_cm.len(), 1, "{only_cm:?}");
+    assert!(only_cm[0].1.starts_with(cm_path));
+
+    // The good route is deleted: the next config differs and is pushed.
+    let before = sidecar.current_version();
+    let ctx = context(
+        client,
+        stores(port, seen[1..].to_vec(), Some(&p["status"])),
+        &token_file,
+    );
+    pass(&ctx, &mut memory).await.unwrap();
+    let after = writes(&log);
+    let cm = find(&after, "PATCH", cm_path).expect("new config stored");
+    let config: Value = serde_json::from_str(cm["data"]["config.json"].as_str().unwrap()).unwrap();
+    assert_ne!(sidecar.current_version(), before);
+    assert_eq!(config["version"], sidecar.current_version());
+    assert_eq!(config["models"], json!([]));
+    let _ = std::fs::remove_file(token_file);
+}

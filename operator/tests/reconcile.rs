@@ -1,0 +1,378 @@
+//! The operator against a real kube-apiserver (see testbed/mod.rs for how
+//! one is found): CRDs applied from the generated YAML, the operator binary
+//! and real `infergate-sidecar` processes on loopback, Pod and
+//! EndpointSlice objects standing in for what a kubelet and the endpoint
+//! controller would write.
+
+mod testbed;
+
+use std::time::Duration;
+
+use infergate_crds::{InferenceProvider, ModelRoute};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::json;
+use testbed::objects::*;
+use testbed::*;
+
+const KEY: &str = "ig-integration-team-a-0123456789";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() {
+    let Some(tb) = testbed("renders_stores_pushes_and_reports_status") else {
+        return;
+    };
+    let client = tb.client().await;
+    apply_crds(&client).await;
+    let ns = unique_ns("ig-reconcile");
+    create_namespace(&client, &ns).await;
+    let dir = scratch_dir("reconcile");
+
+    let s0 = spawn_sidecar("sidecar-0", &dir, free_port(), free_port());
+    let mut s1 = spawn_sidecar("sidecar-1", &dir, free_port(), free_port());
+    sidecar_pod(&client, &ns, "sidecar-0", s0.admin_port).await;
+    sidecar_pod(&client, &ns, "sidecar-1", s1.admin_port).await;
+    let op = spawn_operator(&tb, &ns, "op-a", &dir);
+
+    // An API key, two providers (a fixed URL; per-pod through EndpointSlices),
+    // a route with an alias and a route naming a provider that is not there.
+    create::<Secret>(
+        &client,
+        &ns,
+        json!({
+            "metadata": {"name": "team-a", "labels": {"infergate.dev/api-key": "true"}},
+            "stringData": {"key": KEY},
+        }),
+    )
+    .await;
+    create::<InferenceProvider>(&client, &ns, json!({
+        "apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
+        "metadata": {"name": "ext"},
+        "spec": {"url": "https://api.example.invalid/", "attestation": false, "models": ["gpt"]},
+    }))
+    .await;
+    create::<InferenceProvider>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
+            "metadata": {"name": "pods"},
+            "spec": {
+                "endpoints": {"service": "vllm", "port": 8000, "sidecarPort": 8080},
+                "models": ["meta-llama/Llama-3"],
+                "maxConcurrentRequests": 8,
+                "timeouts": {"connectMs": 500, "idleMs": 10000},
+            },
+        }),
+    )
+    .await;
+    create::<EndpointSlice>(
+        &client,
+        &ns,
+        slice(&[("127.0.0.2", true), ("127.0.0.3", false)]),
+    )
+    .await;
+    create::<ModelRoute>(&client, &ns, json!({
+        "apiVersion": "infergate.dev/v1alpha1", "kind": "ModelRoute",
+        "metadata": {"name": "llama"},
+        "spec": {
+            "model": "llama-3", "aliases": ["llama"],
+            "backends": [{"provider": "pods", "upstreamModel": "meta-llama/Llama-3", "weight": 3}],
+            "strategy": "leastInFlight",
+            "sticky": {"header": "x-session-id", "user": true},
+        },
+    }))
+    .await;
+    create::<ModelRoute>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "infergate.dev/v1alpha1", "kind": "ModelRoute",
+            "metadata": {"name": "broken"},
+            "spec": {"model": "other", "backends": [{"provider": "nope"}]},
+        }),
+    )
+    .await;
+
+    // The ConfigMap and both sidecar processes hold the same rendered config.
+    let config = sidecars_run(
+        &client,
+        &ns,
+        &[&s0, &s1],
+        "first config on both sidecars",
+        |c| model_names(c) == ["llama-3"] && c["keys"].as_array().is_some_and(|k| k.len() == 1),
+    )
+    .await;
+    let text = config.to_string();
+    assert!(
+        !text.contains(KEY),
+        "the raw API key leaked into the config"
+    );
+    assert_eq!(config["keys"][0]["id"], "team-a");
+    assert_eq!(
+        config["keys"][0]["sha256"],
+        infergate_sidecar::config::hash_key(KEY)
+    );
+    let backends: Vec<&str> = config["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        backends,
+        [format!("{ns}/ext"), format!("{ns}/pods/127.0.0.2")]
+    );
+    let pod_backend = &config["backends"][1];
+    assert_eq!(pod_backend["url"], "http://127.0.0.2:8000");
+    assert_eq!(pod_backend["sidecar"], "http://127.0.0.2:8080");
+    assert_eq!(pod_backend["maxInFlight"], 8);
+    assert_eq!(pod_backend["timeouts"]["connectMs"], 500);
+    let route = &config["models"][0];
+    assert_eq!(route["aliases"], json!(["llama"]));
+    assert_eq!(route["strategy"], "leastInFlight");
+    assert_eq!(route["targets"][0]["weight"], 3);
+    assert_eq!(route["targets"][0]["upstreamModel"], "meta-llama/Llama-3");
+    let parsed: infergate_sidecar::config::GatewayConfig =
+        serde_json::from_value(config.clone()).unwrap();
+    assert_eq!(config["version"], parsed.computed_version());
+
+    // Status: the good route is programmed on 2/2 sidecars; the broken one
+    // names its missing provider, and an event says so too.
+    let (status, generation, _) = eventually("llama route programmed", || async {
+        let s = route_status(&client, &ns, "llama").await?;
+        (condition(&s.0, "Programmed")?["status"] == "True").then_some(s)
+    })
+    .await;
+    assert_eq!(condition(&status, "Accepted").unwrap()["status"], "True");
+    assert_eq!(
+        condition(&status, "ResolvedRefs").unwrap()["status"],
+        "True"
+    );
+    assert!(condition(&status, "Programmed").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("2/2"));
+    assert_eq!(status["observedGeneration"], generation);
+    assert_eq!(status["resolvedBackends"], 1);
+    let (broken, _, _) = eventually("broken route status", || async {
+        let s = route_status(&client, &ns, "broken").await?;
+        condition(&s.0, "ResolvedRefs").is_some().then_some(s)
+    })
+    .await;
+    let refs = condition(&broken, "ResolvedRefs").unwrap();
+    assert_eq!(refs["status"], "False");
+    assert_eq!(refs["reason"], "ProviderNotFound");
+    assert!(refs["message"].as_str().unwrap().contains("nope"));
+    assert_eq!(condition(&broken, "Programmed").unwrap()["status"], "False");
+    let provider = Api::<InferenceProvider>::namespaced(client.clone(), &ns)
+        .get("pods")
+        .await
+        .unwrap();
+    assert_eq!(provider.status.unwrap().ready_backends, 1);
+    eventually("ProviderNotFound event", || async {
+        let events = Api::<Event>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        events
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("ProviderNotFound")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // Nothing changes: several resync passes later, no status was rewritten.
+    let (_, _, rv_before) = route_status(&client, &ns, "llama").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, _, rv_after) = route_status(&client, &ns, "llama").await.unwrap();
+    assert_eq!(rv_before, rv_after, "status rewritten with nothing changed");
+
+    // Updates: a new alias, and the second pod turns ready.
+    let routes: Api<ModelRoute> = Api::namespaced(client.clone(), &ns);
+    routes
+        .patch(
+            "llama",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"aliases": ["llama", "l3"]}})),
+        )
+        .await
+        .unwrap();
+    Api::<EndpointSlice>::namespaced(client.clone(), &ns)
+        .replace("vllm-1", &PostParams::default(), &{
+            let mut s: EndpointSlice =
+                serde_json::from_value(slice(&[("127.0.0.2", true), ("127.0.0.3", true)])).unwrap();
+            s.metadata.resource_version = Api::<EndpointSlice>::namespaced(client.clone(), &ns)
+                .get("vllm-1")
+                .await
+                .unwrap()
+                .metadata
+                .resource_version;
+            s
+        })
+        .await
+        .unwrap();
+    let config = sidecars_run(&client, &ns, &[&s0, &s1], "alias and second pod", |c| {
+        c["models"][0]["aliases"] == json!(["llama", "l3"])
+            && c["models"][0]["targets"]
+                .as_array()
+                .is_some_and(|t| t.len() == 2)
+    })
+    .await;
+    assert_eq!(config["backends"].as_array().unwrap().len(), 3);
+    eventually("observedGeneration follows the update", || async {
+        let (s, generation, _) = route_status(&client, &ns, "llama").await?;
+        (generation == 2
+            && s["observedGeneration"] == 2
+            && s["resolvedBackends"] == 2
+            && condition(&s, "Programmed")?["observedGeneration"] == 2)
+            .then_some(())
+    })
+    .await;
+
+    // The missing provider appears: the broken route resolves and is served.
+    create::<InferenceProvider>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
+            "metadata": {"name": "nope"},
+            "spec": {"service": {"name": "backup", "port": 8000}},
+        }),
+    )
+    .await;
+    let config = sidecars_run(&client, &ns, &[&s0, &s1], "late provider resolves", |c| {
+        model_names(c) == ["llama-3", "other"]
+    })
+    .await;
+    assert!(config["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["url"] == format!("http://backup.{ns}.svc:8000")));
+    eventually("broken route resolved", || async {
+        let (s, _, _) = route_status(&client, &ns, "broken").await?;
+        (condition(&s, "ResolvedRefs")?["status"] == "True").then_some(())
+    })
+    .await;
+
+    // A sidecar restarts with no config: the next resync gives it back.
+    let (admin, public) = (s1.admin_port, s1.public_port);
+    s1.proc.kill();
+    s1 = spawn_sidecar("sidecar-1-restarted", &dir, admin, public);
+    sidecars_run(
+        &client,
+        &ns,
+        &[&s0, &s1],
+        "restarted sidecar re-pushed",
+        |c| model_names(c) == ["llama-3", "other"],
+    )
+    .await;
+
+    // A config the sidecars refuse (the upstream key file is not mounted in
+    // these processes): Programmed drops, the pods get events, the failure
+    // is counted; removing the reference recovers.
+    let providers: Api<InferenceProvider> = Api::namespaced(client.clone(), &ns);
+    providers
+        .patch(
+            "nope",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"apiKeySecret": {"name": "up", "key": "token"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("refused config reported", || async {
+        let (s, _, _) = route_status(&client, &ns, "llama").await?;
+        let programmed = condition(&s, "Programmed")?;
+        (programmed["status"] == "False" && programmed["message"].as_str()?.starts_with("0/2"))
+            .then_some(())
+    })
+    .await;
+    let stored = config_map(&client, &ns).await.unwrap();
+    assert_ne!(
+        sidecar_config(s0.admin_port).await.unwrap()["version"],
+        stored["version"]
+    );
+    eventually("ConfigPushFailed event on a pod", || async {
+        let events = Api::<Event>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        events
+            .items
+            .iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("ConfigPushFailed")
+                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod")
+            })
+            .filter(|e| e.note.as_deref().is_some_and(|n| n.contains("apiKeyFile")))
+            .map(|_| ())
+    })
+    .await;
+    let (_, metrics) = op.get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("infergate_operator_reconcile_failures_total{error=\"push\"}"),
+        "{metrics}"
+    );
+    providers
+        .patch(
+            "nope",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"apiKeySecret": null}})),
+        )
+        .await
+        .unwrap();
+    sidecars_run(&client, &ns, &[&s0, &s1], "recovered config", |c| {
+        c["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b.get("apiKeyFile").is_none())
+    })
+    .await;
+
+    // Deletes: a route, a provider and the key leave the next config.
+    routes
+        .delete("broken", &DeleteParams::default())
+        .await
+        .unwrap();
+    providers
+        .delete("ext", &DeleteParams::default())
+        .await
+        .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .delete("team-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    let config = sidecars_run(&client, &ns, &[&s0, &s1], "deletes applied", |c| {
+        model_names(c) == ["llama-3"] && c["keys"].as_array().is_some_and(|k| k.is_empty())
+    })
+    .await;
+    assert!(config["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["id"] != format!("{ns}/ext")));
+
+    // The operator's own endpoints.
+    assert_eq!(op.get("/healthz").await.unwrap().0, 200);
+    assert_eq!(op.get("/readyz").await.unwrap().0, 200);
+    let (_, metrics) = op.get("/metrics").await.unwrap();
+    for line in [
+        "infergate_operator_leader 1",
+        "infergate_operator_sidecars_programmed 2",
+        "infergate_operator_pushes_total{result=\"applied\"}",
+        "infergate_operator_pushes_total{result=\"current\"}",
+        "infergate_operator_reconcile_duration_seconds_count",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    assert!(!op.proc.log().contains(KEY), "the API key reached the log");
+}
