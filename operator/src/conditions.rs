@@ -75,7 +75,7 @@ pub fn for_provider(outcome: &ProviderOutcome) -> Vec<Desired> {
     ]
 }
 
-/// `programmed` / `sidecars`: how many ready sidecars run the version that
+/// `programmed` / `sidecars`: how many running sidecars run the version that
 /// contains this route.
 pub fn for_route(outcome: &RouteOutcome, programmed: usize, sidecars: usize) -> Vec<Desired> {
     let accepted = match &outcome.rejected {

@@ -101,12 +101,17 @@ pub fn ready_endpoints(
     out
 }
 
-/// Ready sidecar pods with an IP, sorted by (namespace, name).
+/// Running sidecar pods with an IP, sorted by (namespace, name).
+///
+/// Running, not Ready: a pod is Ready only when every container is, and the
+/// sidecar's own readiness waits for a config, while vLLM's waits for the
+/// model to load. Requiring Ready would hold back the very push that makes
+/// the pod ready. A sidecar not listening yet fails its push, which retries.
 pub fn sidecars(pods: &[impl Borrow<Pod>]) -> Vec<Sidecar> {
     let mut out: Vec<Sidecar> = pods
         .iter()
         .map(Borrow::borrow)
-        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_running(p))
         .filter_map(|p| {
             let ip = p.status.as_ref()?.pod_ip.as_ref()?;
             let port = p
@@ -130,11 +135,11 @@ pub fn sidecars(pods: &[impl Borrow<Pod>]) -> Vec<Sidecar> {
     out
 }
 
-fn pod_ready(pod: &Pod) -> bool {
+fn pod_running(pod: &Pod) -> bool {
     pod.status
         .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| phase == "Running")
 }
 
 #[cfg(test)]
@@ -142,6 +147,8 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
     use k8s_openapi::ByteString;
     use kube::api::ObjectMeta;
 
@@ -225,7 +232,7 @@ mod tests {
         assert_eq!(ips, ["10.0.0.1", "10.0.0.3"]);
     }
 
-    fn pod(name: &str, ip: &str, ready: bool, port: Option<&str>) -> Pod {
+    fn pod(name: &str, ip: &str, phase: &str, port: Option<&str>) -> Pod {
         let mut m = meta("ai", name);
         m.annotations = port.map(|p| [(ADMIN_PORT_ANNOTATION.to_string(), p.to_string())].into());
         Pod {
@@ -233,9 +240,11 @@ mod tests {
             spec: None,
             status: Some(PodStatus {
                 pod_ip: Some(ip.into()),
+                phase: Some(phase.into()),
+                // Not ready (vLLM still loading): still a push target.
                 conditions: Some(vec![PodCondition {
                     type_: "Ready".into(),
-                    status: if ready { "True" } else { "False" }.into(),
+                    status: "False".into(),
                     ..Default::default()
                 }]),
                 ..Default::default()
@@ -244,12 +253,15 @@ mod tests {
     }
 
     #[test]
-    fn only_ready_pods_are_sidecars_and_the_annotation_sets_the_admin_port() {
+    fn running_pods_are_sidecars_and_the_annotation_sets_the_admin_port() {
+        let mut gone = pod("e", "10.0.0.5", "Running", None);
+        gone.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
         let pods = vec![
-            pod("b", "127.0.0.1", true, Some("19091")),
-            pod("a", "10.0.0.1", true, None),
-            pod("c", "10.0.0.3", false, None),
-            pod("d", "fd00::1", true, Some("not-a-port")),
+            pod("b", "127.0.0.1", "Running", Some("19091")),
+            pod("a", "10.0.0.1", "Running", None),
+            pod("c", "10.0.0.3", "Pending", None),
+            pod("d", "fd00::1", "Running", Some("not-a-port")),
+            gone,
         ];
         let s = sidecars(&pods);
         let urls: Vec<&str> = s.iter().map(|s| s.admin_url.as_str()).collect();

@@ -35,7 +35,7 @@ pub struct Metrics {
     pub pushes: Family<PushLabels, Counter>,
     /// 1 while this replica holds the Lease.
     pub leader: Gauge,
-    /// Ready sidecars known to run the latest rendered config.
+    /// Running sidecars known to run the latest rendered config.
     pub sidecars_programmed: Gauge,
     /// Set once every watch has listed its objects; `/readyz` waits for it.
     pub synced: AtomicBool,

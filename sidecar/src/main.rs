@@ -113,6 +113,12 @@ fn init_tracing(json: bool) -> LogLevelSetter {
 
 async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()> {
     let config = match &args.config {
+        // A ConfigMap volume marked optional has no file until the operator
+        // writes it: start empty (not ready) and pick it up when it appears.
+        Some(path) if !path.exists() => {
+            tracing::warn!(path = %path.display(), "config file absent; waiting for it");
+            None
+        }
         Some(path) => Some(load(path)?),
         None => None,
     };

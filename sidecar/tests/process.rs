@@ -22,6 +22,11 @@ struct Sidecar {
 
 fn start(config_yaml: &str, dir: &std::path::Path, rust_log: &str) -> Sidecar {
     std::fs::write(dir.join("config.yaml"), config_yaml).unwrap();
+    spawn(dir, rust_log)
+}
+
+/// The sidecar on `dir/config.yaml`, whether or not that file exists yet.
+fn spawn(dir: &std::path::Path, rust_log: &str) -> Sidecar {
     std::fs::write(dir.join("token"), ADMIN_TOKEN).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_infergate-sidecar"))
         .args(["--config", dir.join("config.yaml").to_str().unwrap()])
@@ -121,6 +126,48 @@ async fn trace_logs_hold_no_key_prompt_or_completion() {
     }
     // The key's id is what identifies it.
     assert!(logs.contains("team-secret"));
+}
+
+/// In a pod the config file is an optional ConfigMap volume that the
+/// operator fills later: the sidecar starts without it, is not ready, and
+/// serves the config once the file appears.
+#[tokio::test]
+async fn starts_without_its_config_file_and_serves_it_once_written() {
+    let sim = simulator("s0", 3, 0).await;
+    let dir = tempdir("absent-config");
+    let _ = std::fs::remove_file(dir.join("config.yaml"));
+    let mut sc = spawn(&dir, "info");
+    let readyz = || async {
+        client()
+            .get(format!("{}/readyz", sc.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(readyz().await, 503);
+    let chat = || {
+        client()
+            .post(format!("{}/v1/chat/completions", sc.url))
+            .bearer_auth(SECRET_KEY)
+            .json(&chat_body("m", false))
+            .send()
+    };
+    // No keys configured yet, so no key is valid.
+    assert_eq!(chat().await.unwrap().status(), 401);
+
+    std::fs::write(dir.join("config.yaml"), yaml(&sim.url)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while readyz().await != 200 {
+        assert!(std::time::Instant::now() < deadline, "config file never picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resp = chat().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().contains("chat.completion"));
+    let _ = sc.child.kill();
+    let _ = sc.child.wait();
 }
 
 #[tokio::test]
