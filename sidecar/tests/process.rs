@@ -160,7 +160,10 @@ async fn starts_without_its_config_file_and_serves_it_once_written() {
     std::fs::write(dir.join("config.yaml"), yaml(&sim.url)).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while readyz().await != 200 {
-        assert!(std::time::Instant::now() < deadline, "config file never picked up");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "config file never picked up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let resp = chat().await.unwrap();
