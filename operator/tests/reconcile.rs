@@ -22,9 +22,7 @@ const KEY: &str = "ig-integration-team-a-0123456789";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() {
-    let Some(tb) = testbed("renders_stores_pushes_and_reports_status") else {
-        return;
-    };
+    let tb = testbed("renders_stores_pushes_and_reports_status");
     let client = tb.client().await;
     apply_crds(&client).await;
     let ns = unique_ns("ig-reconcile");

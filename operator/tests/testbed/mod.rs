@@ -1,16 +1,17 @@
-//! A real kube-apiserver for the operator's integration tests, and the
-//! local processes (operator, sidecars) that stand in for pods, since no
-//! kubelet runs here.
+//! The Kubernetes API for the operator's integration tests, and the local
+//! processes (operator, sidecars) that stand in for pods, since no kubelet
+//! runs here.
 //!
-//! Off unless `INFERGATE_KUBE_TESTS=1` (scripts/test sets it after
-//! `scripts/k8s-testbed install`): then the tests use the testbed in
-//! `INFERGATE_TESTBED` (a directory holding `kubeconfig`), or start one with
-//! `scripts/k8s-testbed start DIR`, and fail loudly if neither works. When
-//! off, each test prints that it was skipped and why.
+//! With `INFERGATE_KUBE_TESTS=1` the tests use a real kube-apiserver: the
+//! testbed in `INFERGATE_TESTBED` (a directory holding `kubeconfig`), or
+//! one started by `scripts/k8s-testbed start DIR`, and fail loudly if
+//! neither works. Otherwise they use the in-process stand-in API server
+//! (`standin.rs`), so `cargo test` runs them everywhere.
 
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod objects;
+pub mod standin;
 
 use std::future::Future;
 use std::io::Write;
@@ -53,23 +54,36 @@ fn script() -> PathBuf {
 
 static SHARED: Mutex<Weak<Testbed>> = Mutex::new(Weak::new());
 
-/// The testbed, or `None` (after saying so) when kube tests are off.
-pub fn testbed(test: &str) -> Option<Arc<Testbed>> {
-    if std::env::var("INFERGATE_KUBE_TESTS").as_deref() != Ok("1") {
-        // Straight to stderr: the test harness captures `eprintln!` of
-        // passing tests, and a skip must be seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: needs a real kube-apiserver; run with INFERGATE_KUBE_TESTS=1 \
-             (scripts/test does, after scripts/k8s-testbed install)"
-        );
-        return None;
-    }
+/// The testbed every test in this binary shares.
+pub fn testbed(test: &str) -> Arc<Testbed> {
     let mut shared = SHARED.lock().unwrap();
     if let Some(tb) = shared.upgrade() {
-        return Some(tb);
+        return tb;
     }
-    let tb = Arc::new(match std::env::var_os("INFERGATE_TESTBED") {
+    let real = std::env::var("INFERGATE_KUBE_TESTS").as_deref() == Ok("1");
+    let tb = Arc::new(if real {
+        real_testbed()
+    } else {
+        // Straight to stderr: the harness captures `eprintln!` of passing
+        // tests, and which API a test ran against must be seen.
+        let _ = writeln!(
+            std::io::stderr(),
+            "{test}: against the in-process stand-in API server \
+             (INFERGATE_KUBE_TESTS=1 uses a real kube-apiserver)"
+        );
+        standin_testbed()
+    });
+    assert!(
+        tb.kubeconfig().is_file(),
+        "no kubeconfig in the testbed dir {:?}",
+        tb.dir
+    );
+    *shared = Arc::downgrade(&tb);
+    tb
+}
+
+fn real_testbed() -> Testbed {
+    match std::env::var_os("INFERGATE_TESTBED") {
         Some(dir) => Testbed {
             dir: dir.into(),
             started_here: false,
@@ -92,14 +106,39 @@ pub fn testbed(test: &str) -> Option<Arc<Testbed>> {
                 started_here: true,
             }
         }
+    }
+}
+
+/// The stand-in runs on a thread of its own, so it outlives each test's
+/// runtime; it ends with the test process.
+fn standin_testbed() -> Testbed {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tx.send(standin::start().await).unwrap();
+            std::future::pending::<()>().await
+        });
     });
-    assert!(
-        tb.kubeconfig().is_file(),
-        "no kubeconfig in the testbed dir {:?}",
-        tb.dir
-    );
-    *shared = Arc::downgrade(&tb);
-    Some(tb)
+    let url = rx.recv().unwrap();
+    let dir = scratch_dir("standin");
+    std::fs::write(
+        dir.join("kubeconfig"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {url}\n\
+             users:\n- name: tests\n  user:\n    token: standin\ncontexts:\n- name: standin\n  \
+             context: {{cluster: standin, user: tests}}\ncurrent-context: standin\n"
+        ),
+    )
+    .unwrap();
+    Testbed {
+        dir,
+        started_here: false,
+    }
 }
 
 impl Testbed {

@@ -58,15 +58,19 @@ pub async fn route_status(client: &Client, ns: &str, name: &str) -> Option<(Valu
     Some((status, r.metadata.generation?, r.metadata.resource_version?))
 }
 
+/// The public model names in a config, sorted (the config orders them by
+/// route, not by name).
 pub fn model_names(config: &Value) -> Vec<String> {
-    config["models"]
+    let mut names: Vec<String> = config["models"]
         .as_array()
         .map(|ms| {
             ms.iter()
                 .map(|m| m["name"].as_str().unwrap().to_owned())
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// Both sidecars run exactly the ConfigMap's version, which `check` accepts.

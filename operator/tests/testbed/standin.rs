@@ -1,0 +1,571 @@
+//! A stand-in Kubernetes API server, in-process, over real HTTP on
+//! 127.0.0.1:0, for machines where no kube-apiserver can be installed.
+//!
+//! It implements the part of the API the operator and these tests use, with
+//! the semantics they rely on: namespaced and cluster-wide list and watch
+//! (with resourceVersions and label selectors), create (409 on a clash),
+//! replace (409 on a stale resourceVersion, as leader election needs),
+//! merge and server-side-apply patches (apply creates), the status
+//! subresource (status writes touch only status; spec writes bump
+//! `metadata.generation`), delete with a DELETED event, Secret
+//! `stringData`, and CRDs that become Established and serve their kind.
+//! It does not check schemas, CEL rules, RBAC or field ownership: the real
+//! API server does (scripts/test runs the same tests against one where it
+//! exists).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+use tokio::sync::broadcast;
+
+/// (group/version/resource, namespace, name); cluster-scoped objects have
+/// an empty namespace.
+type Key = (String, String, String);
+
+#[derive(Clone)]
+struct Change {
+    rv: u64,
+    coll: String,
+    kind: &'static str,
+    object: Value,
+}
+
+struct Kind {
+    kind: String,
+    namespaced: bool,
+    status_subresource: bool,
+}
+
+struct State {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    /// Every change, so a watch from an older resourceVersion replays.
+    history: Vec<Change>,
+    kinds: BTreeMap<String, Kind>,
+    changes: broadcast::Sender<Change>,
+    uid: u64,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn builtin_kinds() -> BTreeMap<String, Kind> {
+    let k = |kind: &str, namespaced| Kind {
+        kind: kind.into(),
+        namespaced,
+        status_subresource: false,
+    };
+    [
+        ("v1/namespaces", k("Namespace", false)),
+        ("v1/pods", k("Pod", true)),
+        ("v1/secrets", k("Secret", true)),
+        ("v1/configmaps", k("ConfigMap", true)),
+        ("v1/serviceaccounts", k("ServiceAccount", true)),
+        ("v1/services", k("Service", true)),
+        ("v1/events", k("Event", true)),
+        (
+            "discovery.k8s.io/v1/endpointslices",
+            k("EndpointSlice", true),
+        ),
+        ("events.k8s.io/v1/events", k("Event", true)),
+        ("coordination.k8s.io/v1/leases", k("Lease", true)),
+        (
+            "apiextensions.k8s.io/v1/customresourcedefinitions",
+            k("CustomResourceDefinition", false),
+        ),
+    ]
+    .into_iter()
+    .map(|(c, mut k)| {
+        // Pods have a status subresource the tests write (as a kubelet would).
+        k.status_subresource = c == "v1/pods" || c.ends_with("customresourcedefinitions");
+        (c.to_owned(), k)
+    })
+    .collect()
+}
+
+/// Serve on 127.0.0.1:0 on the current runtime; returns the base URL.
+pub async fn start() -> String {
+    let (changes, _) = broadcast::channel(16384);
+    let state: Shared = Arc::new(Mutex::new(State {
+        rv: 1,
+        objects: BTreeMap::new(),
+        history: Vec::new(),
+        kinds: builtin_kinds(),
+        changes,
+        uid: 0,
+    }));
+    let app = axum::Router::new().fallback(move |method, uri, headers, body| {
+        handle(state.clone(), method, uri, headers, body)
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+struct Target {
+    coll: String,
+    ns: String,
+    name: Option<String>,
+    status: bool,
+}
+
+fn parse(path: &str) -> Option<Target> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (gv, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => (v.to_string(), rest),
+        ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
+        _ => return None,
+    };
+    let (ns, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (ns.to_string(), rest),
+        _ => (String::new(), rest),
+    };
+    let (res, name, sub) = match rest {
+        [res] => (*res, None, None),
+        [res, name] => (*res, Some(name.to_string()), None),
+        [res, name, sub] => (*res, Some(name.to_string()), Some(*sub)),
+        _ => return None,
+    };
+    if sub.is_some_and(|s| s != "status") {
+        return None;
+    }
+    Some(Target {
+        coll: format!("{gv}/{res}"),
+        ns,
+        name,
+        status: sub.is_some(),
+    })
+}
+
+fn status(code: u16, reason: &str, message: String) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "reason": reason, "message": message, "code": code});
+    (
+        StatusCode::from_u16(code).unwrap(),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn ok(code: u16, body: &Value) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn query(uri: &Uri) -> BTreeMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `a`, `a=b`, `a==b`, `a!=b`, `!a`, comma-separated.
+fn selected(selector: &str, labels: &Value) -> bool {
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let label = |k: &str| labels.get(k.trim()).and_then(Value::as_str);
+        if let Some((k, v)) = term.split_once("!=") {
+            label(k) != Some(v.trim())
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            label(k) == Some(v.trim())
+        } else if let Some(k) = term.strip_prefix('!') {
+            label(k).is_none()
+        } else {
+            label(term).is_some()
+        }
+    })
+}
+
+fn in_scope(obj: &Value, ns: &str, selector: Option<&String>) -> bool {
+    let meta = &obj["metadata"];
+    (ns.is_empty() || meta["namespace"] == ns)
+        && selector.is_none_or(|s| selected(s, &meta["labels"]))
+}
+
+/// RFC 7386 JSON merge patch (also used for apply: objects merge, lists
+/// are replaced, which is what the operator's full-object applies need).
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn without_meta_and_status(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    o
+}
+
+impl State {
+    fn record(&mut self, coll: &str, kind: &'static str, object: &Value) {
+        let change = Change {
+            rv: self.rv,
+            coll: coll.to_owned(),
+            kind,
+            object: object.clone(),
+        };
+        self.history.push(change.clone());
+        let _ = self.changes.send(change);
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    /// What every stored object gets from the server.
+    fn stamp(&mut self, coll: &str, obj: &mut Value, ns: &str, old: Option<&Value>) {
+        let kind = &self.kinds[coll];
+        let (group_version, _) = coll.rsplit_once('/').unwrap();
+        obj["apiVersion"] = json!(group_version);
+        obj["kind"] = json!(kind.kind);
+        if kind.namespaced {
+            obj["metadata"]["namespace"] = json!(ns);
+        }
+        let rv = self.next_rv();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        match old {
+            Some(old) => {
+                for k in ["uid", "creationTimestamp"] {
+                    obj["metadata"][k] = old["metadata"][k].clone();
+                }
+                let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                let changed = without_meta_and_status(old) != without_meta_and_status(obj);
+                obj["metadata"]["generation"] = json!(generation + i64::from(changed));
+            }
+            None => {
+                self.uid += 1;
+                obj["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", self.uid));
+                obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                obj["metadata"]["generation"] = json!(1);
+            }
+        }
+        if let Some(data) = obj
+            .as_object_mut()
+            .and_then(|o| o.remove("stringData"))
+            .and_then(|d| d.as_object().cloned())
+        {
+            use base64_lite::encode;
+            for (k, v) in data {
+                obj["data"][&k] = json!(encode(v.as_str().unwrap_or("").as_bytes()));
+            }
+        }
+        if coll.ends_with("customresourcedefinitions") {
+            self.register_crd(obj);
+        }
+        if coll == "v1/namespaces" {
+            obj["status"] = json!({"phase": "Active"});
+        }
+    }
+
+    fn register_crd(&mut self, crd: &mut Value) {
+        let spec = &crd["spec"];
+        let group = spec["group"].as_str().unwrap_or_default();
+        let plural = spec["names"]["plural"].as_str().unwrap_or_default();
+        for v in spec["versions"].as_array().into_iter().flatten() {
+            let coll = format!(
+                "{group}/{}/{plural}",
+                v["name"].as_str().unwrap_or_default()
+            );
+            self.kinds.insert(
+                coll,
+                Kind {
+                    kind: spec["names"]["kind"].as_str().unwrap_or_default().into(),
+                    namespaced: spec["scope"] == "Namespaced",
+                    status_subresource: v["subresources"]["status"].is_object(),
+                },
+            );
+        }
+        crd["status"] = json!({
+            "acceptedNames": spec["names"].clone(),
+            "storedVersions": spec["versions"].as_array().into_iter().flatten()
+                .filter(|v| v["storage"] == true).map(|v| v["name"].clone()).collect::<Vec<_>>(),
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+                 "message": "no conflicts found", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+                 "message": "the initial names have been accepted",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            ],
+        });
+    }
+}
+
+/// The least dependency: base64 for Secret `stringData`.
+mod base64_lite {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+async fn handle(
+    state: Shared,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(t) = parse(uri.path()) else {
+        return status(404, "NotFound", format!("no route {}", uri.path()));
+    };
+    if !state.lock().unwrap().kinds.contains_key(&t.coll) {
+        return status(
+            404,
+            "NotFound",
+            format!("the server could not find {}", t.coll),
+        );
+    }
+    let q = query(&uri);
+    let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    match (method, t.name.clone()) {
+        (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            watch(state, t, q)
+        }
+        (Method::GET, None) => list(&state, &t, &q),
+        (Method::GET, Some(name)) => {
+            let s = state.lock().unwrap();
+            match s.objects.get(&(t.coll.clone(), t.ns.clone(), name.clone())) {
+                Some(o) => ok(200, o),
+                None => status(404, "NotFound", format!("{} \"{name}\" not found", t.coll)),
+            }
+        }
+        (Method::POST, None) => {
+            let name = sent["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            write(&state, &t, &name, None, sent, true)
+        }
+        (Method::PUT, Some(name)) => write(&state, &t, &name, None, sent, false),
+        (Method::PATCH, Some(name)) => {
+            let ct = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let apply = ct.starts_with("application/apply-patch");
+            write(&state, &t, &name, Some(apply), sent, false)
+        }
+        (Method::DELETE, Some(name)) => {
+            let mut s = state.lock().unwrap();
+            let key = (t.coll.clone(), t.ns.clone(), name.clone());
+            match s.objects.remove(&key) {
+                Some(mut o) => {
+                    let rv = s.next_rv();
+                    o["metadata"]["resourceVersion"] = json!(rv.to_string());
+                    s.record(&t.coll, "DELETED", &o);
+                    ok(200, &o)
+                }
+                None => status(404, "NotFound", format!("{} \"{name}\" not found", t.coll)),
+            }
+        }
+        (m, _) => status(405, "MethodNotAllowed", format!("{m} not supported here")),
+    }
+}
+
+/// Create (`create`), replace (`patch` None) or patch (`Some(apply)`).
+fn write(
+    state: &Shared,
+    t: &Target,
+    name: &str,
+    patch: Option<bool>,
+    sent: Value,
+    create: bool,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    let key = (t.coll.clone(), t.ns.clone(), name.to_owned());
+    let old = s.objects.get(&key).cloned();
+    let status_sub = s.kinds[&t.coll].status_subresource;
+    let mut obj = match (&old, patch, create) {
+        (Some(_), _, true) => {
+            return status(
+                409,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", t.coll),
+            )
+        }
+        (None, _, true) => sent,
+        (None, Some(true), false) if !t.status => sent,
+        (None, _, false) => {
+            return status(404, "NotFound", format!("{} \"{name}\" not found", t.coll))
+        }
+        (Some(old), None, false) => {
+            let want = sent["metadata"]["resourceVersion"].as_str();
+            if want.is_some_and(|rv| Some(rv) != old["metadata"]["resourceVersion"].as_str()) {
+                return status(
+                    409,
+                    "Conflict",
+                    format!("Operation cannot be fulfilled on {} \"{name}\": the object has been modified", t.coll),
+                );
+            }
+            sent
+        }
+        (Some(old), Some(_), false) => {
+            let mut o = old.clone();
+            merge(&mut o, &sent);
+            o
+        }
+    };
+    if obj["metadata"]["name"].is_null() {
+        obj["metadata"]["name"] = json!(name);
+    }
+    if status_sub {
+        // Status writes change only status; other writes never change it.
+        let base = old.clone().unwrap_or(Value::Null);
+        if t.status {
+            let new_status = obj["status"].clone();
+            obj = base;
+            obj["status"] = new_status;
+        } else {
+            match base.get("status") {
+                Some(st) => obj["status"] = st.clone(),
+                None => {
+                    if let Some(o) = obj.as_object_mut() {
+                        if !t.coll.ends_with("customresourcedefinitions") && t.coll != "v1/pods" {
+                            o.remove("status");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    s.stamp(&t.coll, &mut obj, &t.ns, old.as_ref());
+    let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+    s.objects.insert(key, obj.clone());
+    s.record(&t.coll, kind, &obj);
+    ok(if old.is_some() { 200 } else { 201 }, &obj)
+}
+
+fn list(state: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {
+    let s = state.lock().unwrap();
+    let items: Vec<&Value> = s
+        .objects
+        .iter()
+        .filter(|((c, _, _), o)| *c == t.coll && in_scope(o, &t.ns, q.get("labelSelector")))
+        .map(|(_, o)| o)
+        .collect();
+    let (group_version, _) = t.coll.rsplit_once('/').unwrap();
+    ok(
+        200,
+        &json!({
+            "apiVersion": group_version,
+            "kind": format!("{}List", s.kinds[&t.coll].kind),
+            "metadata": {"resourceVersion": s.rv.to_string()},
+            "items": items,
+        }),
+    )
+}
+
+fn watch(state: Shared, t: Target, q: BTreeMap<String, String>) -> Response {
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let selector = q.get("labelSelector").cloned();
+    let (backlog, rx) = {
+        let s = state.lock().unwrap();
+        let backlog: Vec<Change> = s.history.iter().filter(|c| c.rv > from).cloned().collect();
+        (backlog, s.changes.subscribe())
+    };
+    let matches =
+        move |c: &Change| c.coll == t.coll && in_scope(&c.object, &t.ns, selector.as_ref());
+    let line = |c: &Change| {
+        let mut l = json!({"type": c.kind, "object": c.object}).to_string();
+        l.push('\n');
+        Ok::<_, Infallible>(Bytes::from(l))
+    };
+    let last = backlog.last().map_or(from, |c| c.rv);
+    let first: Vec<_> = backlog.iter().filter(|c| matches(c)).map(line).collect();
+    let rest = futures_util::stream::unfold((rx, last), move |(mut rx, last)| {
+        let matches = matches.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(c) if c.rv > last && matches(&c) => {
+                        let rv = c.rv;
+                        return Some((line(&c), (rx, rv)));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    let stream = futures_util::StreamExt::chain(futures_util::stream::iter(first), rest);
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
