@@ -112,7 +112,7 @@ fn stores(admin_port: u16, routes: Vec<Value>, provider_status: Option<&Value>) 
         pods: store::<Pod>(vec![json!({
             "metadata": {"name": "sidecar-0", "namespace": "ai",
                 "annotations": {"infergate.dev/admin-port": admin_port.to_string()}},
-            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1"},
         })]),
     }
 }
