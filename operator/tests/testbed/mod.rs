@@ -6,12 +6,11 @@
 //! testbed in `INFERGATE_TESTBED` (a directory holding `kubeconfig`), or
 //! one started by `scripts/k8s-testbed start DIR`, and fail loudly if
 //! neither works. Otherwise they use the in-process stand-in API server
-//! (`standin.rs`), so `cargo test` runs them everywhere.
+//! (`tests/kube-standin`), so `cargo test` runs them everywhere.
 
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod objects;
-pub mod standin;
 
 use std::future::Future;
 use std::io::Write;
@@ -120,21 +119,13 @@ fn standin_testbed() -> Testbed {
             .build()
             .unwrap();
         rt.block_on(async {
-            tx.send(standin::start().await).unwrap();
+            tx.send(kube_standin::start().await).unwrap();
             std::future::pending::<()>().await
         });
     });
     let url = rx.recv().unwrap();
     let dir = scratch_dir("standin");
-    std::fs::write(
-        dir.join("kubeconfig"),
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {url}\n\
-             users:\n- name: tests\n  user:\n    token: standin\ncontexts:\n- name: standin\n  \
-             context: {{cluster: standin, user: tests}}\ncurrent-context: standin\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(dir.join("kubeconfig"), kube_standin::kubeconfig(&url)).unwrap();
     Testbed {
         dir,
         started_here: false,

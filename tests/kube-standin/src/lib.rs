@@ -1,7 +1,9 @@
-//! A stand-in Kubernetes API server, in-process, over real HTTP on
-//! 127.0.0.1:0, for machines where no kube-apiserver can be installed.
+//! A stand-in Kubernetes API server over real HTTP, for machines where no
+//! kube-apiserver can be installed (no package registry reachable from
+//! infergate's CI ships one).
 //!
-//! It implements the part of the API the operator and these tests use, with
+//! It implements the part of the API that the operator, kube-rs clients and
+//! `kubectl apply --server-side` / `kubectl get` use, with
 //! the semantics they rely on: namespaced and cluster-wide list and watch
 //! (with resourceVersions and label selectors), create (409 on a clash),
 //! replace (409 on a stale resourceVersion, as leader election needs),
@@ -9,9 +11,12 @@
 //! subresource (status writes touch only status; spec writes bump
 //! `metadata.generation`), delete with a DELETED event, Secret
 //! `stringData`, and CRDs that become Established and serve their kind.
+//! Discovery and server-side tables (`discovery.rs`) are enough for kubectl.
 //! It does not check schemas, CEL rules, RBAC or field ownership: the real
 //! API server does (scripts/test runs the same tests against one where it
 //! exists).
+
+mod discovery;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -35,10 +40,14 @@ struct Change {
     object: Value,
 }
 
-struct Kind {
+pub(crate) struct Kind {
     kind: String,
+    singular: String,
+    short_names: Vec<String>,
     namespaced: bool,
     status_subresource: bool,
+    /// CRD `additionalPrinterColumns` of this version, for `kubectl get`.
+    columns: Vec<Value>,
 }
 
 struct State {
@@ -56,8 +65,11 @@ type Shared = Arc<Mutex<State>>;
 fn builtin_kinds() -> BTreeMap<String, Kind> {
     let k = |kind: &str, namespaced| Kind {
         kind: kind.into(),
+        singular: kind.to_lowercase(),
+        short_names: Vec::new(),
         namespaced,
         status_subresource: false,
+        columns: Vec::new(),
     };
     [
         ("v1/namespaces", k("Namespace", false)),
@@ -82,13 +94,23 @@ fn builtin_kinds() -> BTreeMap<String, Kind> {
     .map(|(c, mut k)| {
         // Pods have a status subresource the tests write (as a kubelet would).
         k.status_subresource = c == "v1/pods" || c.ends_with("customresourcedefinitions");
+        let short: &[&str] = match c {
+            "v1/namespaces" => &["ns"],
+            "v1/pods" => &["po"],
+            "v1/configmaps" => &["cm"],
+            "v1/serviceaccounts" => &["sa"],
+            "v1/services" => &["svc"],
+            "apiextensions.k8s.io/v1/customresourcedefinitions" => &["crd", "crds"],
+            _ => &[],
+        };
+        k.short_names = short.iter().map(|s| s.to_string()).collect();
         (c.to_owned(), k)
     })
     .collect()
 }
 
-/// Serve on 127.0.0.1:0 on the current runtime; returns the base URL.
-pub async fn start() -> String {
+/// Serve on `listener` until the runtime ends.
+pub async fn serve(listener: tokio::net::TcpListener) {
     let (changes, _) = broadcast::channel(16384);
     let state: Shared = Arc::new(Mutex::new(State {
         rv: 1,
@@ -101,10 +123,24 @@ pub async fn start() -> String {
     let app = axum::Router::new().fallback(move |method, uri, headers, body| {
         handle(state.clone(), method, uri, headers, body)
     });
+    let _ = axum::serve(listener, app).await;
+}
+
+/// Serve on 127.0.0.1:0 on the current runtime; returns the base URL.
+pub async fn start() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(serve(listener));
     url
+}
+
+/// A kubeconfig for `url` (no TLS, any token).
+pub fn kubeconfig(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {url}\n\
+         users:\n- name: tests\n  user:\n    token: standin\ncontexts:\n- name: standin\n  \
+         context: {{cluster: standin, user: tests}}\ncurrent-context: standin\n"
+    )
 }
 
 struct Target {
@@ -215,10 +251,32 @@ fn selected(selector: &str, labels: &Value) -> bool {
     })
 }
 
-fn in_scope(obj: &Value, ns: &str, selector: Option<&String>) -> bool {
+/// Label and field selectors of a list or watch.
+#[derive(Clone, Default)]
+struct Selectors {
+    labels: Option<String>,
+    fields: Option<String>,
+}
+
+impl Selectors {
+    fn of(q: &BTreeMap<String, String>) -> Self {
+        Selectors {
+            labels: q.get("labelSelector").cloned(),
+            fields: q.get("fieldSelector").cloned(),
+        }
+    }
+}
+
+fn in_scope(obj: &Value, ns: &str, sel: &Selectors) -> bool {
     let meta = &obj["metadata"];
+    // Only the metadata fields every kind supports.
+    let fields = json!({"metadata.name": meta["name"], "metadata.namespace": meta["namespace"]});
     (ns.is_empty() || meta["namespace"] == ns)
-        && selector.is_none_or(|s| selected(s, &meta["labels"]))
+        && sel
+            .labels
+            .as_ref()
+            .is_none_or(|s| selected(s, &meta["labels"]))
+        && sel.fields.as_ref().is_none_or(|s| selected(s, &fields))
 }
 
 /// RFC 7386 JSON merge patch (also used for apply: objects merge, lists
@@ -291,7 +349,7 @@ impl State {
             None => {
                 self.uid += 1;
                 obj["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", self.uid));
-                obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                obj["metadata"]["creationTimestamp"] = json!(discovery::now_rfc3339());
                 obj["metadata"]["generation"] = json!(1);
             }
         }
@@ -317,6 +375,14 @@ impl State {
         let spec = &crd["spec"];
         let group = spec["group"].as_str().unwrap_or_default();
         let plural = spec["names"]["plural"].as_str().unwrap_or_default();
+        let names = &spec["names"];
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
         for v in spec["versions"].as_array().into_iter().flatten() {
             let coll = format!(
                 "{group}/{}/{plural}",
@@ -325,9 +391,15 @@ impl State {
             self.kinds.insert(
                 coll,
                 Kind {
-                    kind: spec["names"]["kind"].as_str().unwrap_or_default().into(),
+                    kind: names["kind"].as_str().unwrap_or_default().into(),
+                    singular: names["singular"].as_str().unwrap_or_default().into(),
+                    short_names: strings(&names["shortNames"]),
                     namespaced: spec["scope"] == "Namespaced",
                     status_subresource: v["subresources"]["status"].is_object(),
+                    columns: v["additionalPrinterColumns"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default(),
                 },
             );
         }
@@ -377,14 +449,36 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::GET {
+        if let Some(resp) = discovery::answer(&state.lock().unwrap().kinds, uri.path()) {
+            return resp;
+        }
+    }
     let Some(t) = parse(uri.path()) else {
         return status(404, "NotFound", format!("no route {}", uri.path()));
     };
+    let table = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"));
     if !state.lock().unwrap().kinds.contains_key(&t.coll) {
         return status(
             404,
             "NotFound",
             format!("the server could not find {}", t.coll),
+        );
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
+        // Clients fall back to JSON on 415, as with a real server that
+        // lacks the encoding.
+        return status(
+            415,
+            "UnsupportedMediaType",
+            format!("{content_type} is not served here"),
         );
     }
     let q = query(&uri);
@@ -393,10 +487,11 @@ async fn handle(
         (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             watch(state, t, q)
         }
-        (Method::GET, None) => list(&state, &t, &q),
+        (Method::GET, None) => list(&state, &t, &q, table),
         (Method::GET, Some(name)) => {
             let s = state.lock().unwrap();
             match s.objects.get(&(t.coll.clone(), t.ns.clone(), name.clone())) {
+                Some(o) if table => ok(200, &discovery::table(&s.kinds[&t.coll], &[o], s.rv)),
                 Some(o) => ok(200, o),
                 None => status(404, "NotFound", format!("{} \"{name}\" not found", t.coll)),
             }
@@ -507,14 +602,17 @@ fn write(
     ok(if old.is_some() { 200 } else { 201 }, &obj)
 }
 
-fn list(state: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Response {
+fn list(state: &Shared, t: &Target, q: &BTreeMap<String, String>, table: bool) -> Response {
     let s = state.lock().unwrap();
     let items: Vec<&Value> = s
         .objects
         .iter()
-        .filter(|((c, _, _), o)| *c == t.coll && in_scope(o, &t.ns, q.get("labelSelector")))
+        .filter(|((c, _, _), o)| *c == t.coll && in_scope(o, &t.ns, &Selectors::of(q)))
         .map(|(_, o)| o)
         .collect();
+    if table {
+        return ok(200, &discovery::table(&s.kinds[&t.coll], &items, s.rv));
+    }
     let (group_version, _) = t.coll.rsplit_once('/').unwrap();
     ok(
         200,
@@ -532,14 +630,44 @@ fn watch(state: Shared, t: Target, q: BTreeMap<String, String>) -> Response {
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let selector = q.get("labelSelector").cloned();
+    let sel = Selectors::of(&q);
+    let initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
     let (backlog, rx) = {
         let s = state.lock().unwrap();
-        let backlog: Vec<Change> = s.history.iter().filter(|c| c.rv > from).cloned().collect();
+        let backlog: Vec<Change> = if initial {
+            // A streaming list: every current object, then a bookmark that
+            // marks the end of the initial events.
+            let (group_version, _) = t.coll.rsplit_once('/').unwrap();
+            let mut now: Vec<Change> = s
+                .objects
+                .iter()
+                .filter(|((c, _, _), _)| *c == t.coll)
+                .map(|(_, o)| Change {
+                    rv: 0,
+                    coll: t.coll.clone(),
+                    kind: "ADDED",
+                    object: o.clone(),
+                })
+                .collect();
+            now.push(Change {
+                rv: s.rv,
+                coll: t.coll.clone(),
+                kind: "BOOKMARK",
+                object: json!({
+                    "apiVersion": group_version, "kind": s.kinds[&t.coll].kind,
+                    "metadata": {"resourceVersion": s.rv.to_string(),
+                        "annotations": {"k8s.io/initial-events-end": "true"}},
+                }),
+            });
+            now
+        } else {
+            s.history.iter().filter(|c| c.rv > from).cloned().collect()
+        };
         (backlog, s.changes.subscribe())
     };
-    let matches =
-        move |c: &Change| c.coll == t.coll && in_scope(&c.object, &t.ns, selector.as_ref());
+    let matches = move |c: &Change| {
+        c.coll == t.coll && (c.kind == "BOOKMARK" || in_scope(&c.object, &t.ns, &sel))
+    };
     let line = |c: &Change| {
         let mut l = json!({"type": c.kind, "object": c.object}).to_string();
         l.push('\n');
