@@ -73,7 +73,7 @@ impl Default for Metrics {
         let sidecars_programmed = Gauge::default();
         registry.register(
             "sidecars_programmed",
-            "Ready sidecars running the latest config",
+            "Running sidecars that run the latest config",
             sidecars_programmed.clone(),
         );
         Metrics {
