@@ -277,3 +277,29 @@ def test_route_change_with_kubectl_reaches_both_sidecars_and_status_reads_right(
     assert generation == observed == "2"
     providers = cluster.kubectl("get", "inferenceproviders", "-n", NS)
     assert providers.splitlines()[1].split()[:3] == ["vllm", "2", "true"]
+
+
+def test_a_sidecar_forwards_to_the_other_pod_and_signatures_follow(deployment):
+    """The rendered backends carry each pod's sidecar URL: a request that
+    sidecar 0 routes to pod 1 is served (hashed, signed) by pod 1's sidecar,
+    and sidecar 0 still answers the signature look-up."""
+    cluster, sidecars, _ = deployment
+    until("the example route on both sidecars", lambda: served(sidecars, "llama-3.1-8b", "llama"))
+    key = example_key()
+    client = OpenAI(base_url=sidecars[0].url + "/v1", api_key=key, max_retries=0)
+    answered_by = {}
+    for i in range(24):  # sticky by `user`: different users spread over both pods
+        raw = client.chat.completions.with_raw_response.create(
+            model="llama", user=f"user-{i}", messages=[{"role": "user", "content": "which pod?"}])
+        answered_by.setdefault(raw.headers["x-infergate-backend"], raw.parse().id)
+        if len(answered_by) == 2:
+            break
+    pod_ids = {f"{NS}/vllm/{s.url.split('//')[1].split(':')[0]}" for s in sidecars}
+    assert set(answered_by) == pod_ids, answered_by
+    remote = answered_by[f"{NS}/vllm/{sidecars[1].url.split('//')[1].split(':')[0]}"]
+    auth = {"Authorization": f"Bearer {key}"}
+    for s in sidecars:
+        sig = httpx.get(f"{s.url}/v1/signature/{remote}", params={"signing_algo": "ecdsa"},
+                        headers=auth).json()
+        signer = Account.recover_message(encode_defunct(text=sig["text"]), signature=sig["signature"])
+        assert signer == Account.from_key(bytes.fromhex((cluster.tmp / "ecdsa").read_text())).address
