@@ -33,9 +33,15 @@ NS = "e2e"
 TOKEN = "e2e-admin-token-0123456789abcdef"
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
 KUBECTL = os.environ.get("KUBECTL")
+HELM = os.environ.get("INFERGATE_HELM")
+# The chart's names for a release `ig` (its ServiceAccount; the operator's
+# Role grants its ConfigMap and Lease by these default names).
+OPERATOR_SA = "ig-infergate-operator"
+OPERATOR_USER = f"system:serviceaccount:{NS}:{OPERATOR_SA}"
 
 pytestmark = pytest.mark.skipif(
-    not KUBECTL, reason="KUBECTL unset: scripts/test sets it after scripts/k8s-testbed install"
+    not (KUBECTL and HELM),
+    reason="KUBECTL or INFERGATE_HELM unset: scripts/test sets them after scripts/k8s-testbed install",
 )
 
 
@@ -55,7 +61,7 @@ class Cluster:
         else:
             self.kubeconfig = tmp / "kubeconfig"
             self.standin = Proc(
-                [str(BIN / "kube-standin"), "--kubeconfig", str(self.kubeconfig)],
+                [str(BIN / "kube-standin"), "--kubeconfig", str(self.kubeconfig), "--rbac"],
                 r"listening on (http://\S+)",
             )
             # The stand-in serves no OpenAPI schemas to validate against.
@@ -77,6 +83,17 @@ class Cluster:
             args += ["-f", "-"]
         return self.kubectl(*args, stdin=None if docs is None else json.dumps(
             {"apiVersion": "v1", "kind": "List", "items": docs}))
+
+    def operator_kubeconfig(self):
+        """The admin kubeconfig impersonating the chart's operator
+        ServiceAccount, so the operator runs with exactly the chart's RBAC
+        (a real API server and kube-standin --rbac both evaluate it)."""
+        text = self.kubeconfig.read_text()
+        text, n = re.subn(r"(\n  user:\n)", rf"\1    as: {OPERATOR_USER}\n", text)
+        assert n == 1, text
+        path = self.tmp / "operator.kubeconfig"
+        path.write_text(text)
+        return path
 
     def stop(self):
         if self.standin:
@@ -107,6 +124,20 @@ def deployment():
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                         "crd/inferenceproviders.infergate.dev", "crd/modelroutes.infergate.dev")
         cluster.apply(docs=[{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}])
+        # The chart's ServiceAccount and RBAC, as `helm install -n e2e` makes them.
+        rbac = subprocess.run(
+            [HELM, "template", "ig", str(ROOT / "charts" / "infergate"), "--namespace", NS,
+             "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"],
+            capture_output=True, text=True, check=True).stdout
+        (tmp / "rbac.yaml").write_text(rbac)
+        cluster.apply(tmp / "rbac.yaml")
+        # RBAC is enforced: the operator's account may not read ConfigMaps
+        # elsewhere, nor touch another ConfigMap in its own namespace.
+        for args in (["get", "configmaps", "-n", "default"],
+                     ["get", "configmap", "other", "-n", NS]):
+            r = subprocess.run([KUBECTL, "--as", OPERATOR_USER, *args], env=cluster.env,
+                               capture_output=True, text=True)
+            assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
 
         # Signing keys shared by the replicas, as the chart mounts them.
         (tmp / "token").write_text(TOKEN)
@@ -163,7 +194,8 @@ def deployment():
             [str(BIN / "infergate-operator"), "--namespace", NS, "--watch-namespaces", NS,
              "--admin-token-file", str(tmp / "token"), "--listen", "127.0.0.1:0",
              "--resync-seconds", "2", "--lease-seconds", "3"],
-            env=cluster.env, stdout=log, stderr=log,
+            env=dict(cluster.env, KUBECONFIG=str(cluster.operator_kubeconfig())),
+            stdout=log, stderr=log,
         )
 
         # The README's tour: the example key, provider and route, as they are.

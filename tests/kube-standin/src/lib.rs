@@ -11,12 +11,14 @@
 //! subresource (status writes touch only status; spec writes bump
 //! `metadata.generation`), delete with a DELETED event, Secret
 //! `stringData`, and CRDs that become Established and serve their kind.
-//! Discovery and server-side tables (`discovery.rs`) are enough for kubectl.
-//! It does not check schemas, CEL rules, RBAC or field ownership: the real
+//! Discovery and server-side tables (`discovery.rs`) are enough for kubectl;
+//! `--rbac` authorizes by the stored RBAC objects (`rbac.rs`).
+//! It does not check schemas, CEL rules or field ownership: the real
 //! API server does (scripts/test runs the same tests against one where it
 //! exists).
 
 mod discovery;
+mod rbac;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -51,6 +53,8 @@ pub(crate) struct Kind {
 }
 
 struct State {
+    /// Authorize requests by the stored RBAC objects (`--rbac`).
+    rbac: bool,
     rv: u64,
     objects: BTreeMap<Key, Value>,
     /// Every change, so a watch from an older resourceVersion replays.
@@ -85,6 +89,19 @@ fn builtin_kinds() -> BTreeMap<String, Kind> {
         ),
         ("events.k8s.io/v1/events", k("Event", true)),
         ("coordination.k8s.io/v1/leases", k("Lease", true)),
+        ("rbac.authorization.k8s.io/v1/roles", k("Role", true)),
+        (
+            "rbac.authorization.k8s.io/v1/rolebindings",
+            k("RoleBinding", true),
+        ),
+        (
+            "rbac.authorization.k8s.io/v1/clusterroles",
+            k("ClusterRole", false),
+        ),
+        (
+            "rbac.authorization.k8s.io/v1/clusterrolebindings",
+            k("ClusterRoleBinding", false),
+        ),
         (
             "apiextensions.k8s.io/v1/customresourcedefinitions",
             k("CustomResourceDefinition", false),
@@ -109,10 +126,12 @@ fn builtin_kinds() -> BTreeMap<String, Kind> {
     .collect()
 }
 
-/// Serve on `listener` until the runtime ends.
-pub async fn serve(listener: tokio::net::TcpListener) {
+/// Serve on `listener` until the runtime ends; with `rbac`, requests are
+/// authorized by the RBAC objects stored (see `rbac.rs`).
+pub async fn serve(listener: tokio::net::TcpListener, rbac: bool) {
     let (changes, _) = broadcast::channel(16384);
     let state: Shared = Arc::new(Mutex::new(State {
+        rbac,
         rv: 1,
         objects: BTreeMap::new(),
         history: Vec::new(),
@@ -130,15 +149,18 @@ pub async fn serve(listener: tokio::net::TcpListener) {
 pub async fn start() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener));
+    tokio::spawn(serve(listener, false));
     url
 }
 
-/// A kubeconfig for `url` (no TLS, any token).
+/// A kubeconfig for `url` as the admin (no TLS). With RBAC on, add
+/// `as: system:serviceaccount:NS:NAME` under the user to act as that
+/// service account.
 pub fn kubeconfig(url: &str) -> String {
+    let token = rbac::ADMIN_TOKEN;
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {url}\n\
-         users:\n- name: tests\n  user:\n    token: standin\ncontexts:\n- name: standin\n  \
+         users:\n- name: tests\n  user:\n    token: {token}\ncontexts:\n- name: standin\n  \
          context: {{cluster: standin, user: tests}}\ncurrent-context: standin\n"
     )
 }
@@ -398,6 +420,76 @@ mod base64_lite {
     }
 }
 
+/// The refusal, if any: with RBAC on, 401 for an unknown token, 403
+/// (worded as the real API server words it) when no binding allows it.
+fn authorize(
+    state: &Shared,
+    method: &Method,
+    headers: &HeaderMap,
+    t: &Target,
+    q: &BTreeMap<String, String>,
+) -> Option<Response> {
+    let s = state.lock().unwrap();
+    if !s.rbac {
+        return None;
+    }
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let impersonate = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok());
+    let Some(who) = rbac::identify(bearer, impersonate) else {
+        return Some(status(401, "Unauthorized", "Unauthorized".into()));
+    };
+    let verb = match (method, &t.name) {
+        (&Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "unknown",
+    };
+    let (group_version, plural) = t.coll.rsplit_once('/').unwrap();
+    let group = group_version.rsplit_once('/').map_or("", |(g, _)| g);
+    let resource = if t.status {
+        format!("{plural}/status")
+    } else {
+        plural.to_owned()
+    };
+    let req = rbac::Request {
+        verb,
+        group,
+        resource: &resource,
+        namespace: &t.ns,
+        name: t.name.as_deref(),
+    };
+    if rbac::allowed(&s.objects, &who, &req) {
+        return None;
+    }
+    let scope = if t.ns.is_empty() {
+        "at the cluster scope".to_owned()
+    } else {
+        format!("in the namespace \"{}\"", t.ns)
+    };
+    let what = match &t.name {
+        Some(name) => format!("{plural} \"{name}\""),
+        None => plural.to_owned(),
+    };
+    Some(status(
+        403,
+        "Forbidden",
+        format!(
+            "{what} is forbidden: User \"{}\" cannot {verb} resource \"{resource}\" \
+             in API group \"{group}\" {scope}",
+            who.user()
+        ),
+    ))
+}
+
 async fn handle(
     state: Shared,
     method: Method,
@@ -429,8 +521,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if content_type.contains("protobuf") || content_type.contains("cbor") {
-        // Clients fall back to JSON on 415, as with a real server that
-        // lacks the encoding.
+        // Only JSON is served; kubectl sends JSON for apply and patch.
         return status(
             415,
             "UnsupportedMediaType",
@@ -438,6 +529,9 @@ async fn handle(
         );
     }
     let q = query(&uri);
+    if let Some(refused) = authorize(&state, &method, &headers, &t, &q) {
+        return refused;
+    }
     let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match (method, t.name.clone()) {
         (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {

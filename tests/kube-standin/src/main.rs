@@ -1,6 +1,8 @@
 //! `kube-standin`: the stand-in API server as a process, for tests that
 //! drive it with kubectl. Prints `kube-standin listening on URL` and, with
-//! `--kubeconfig PATH`, writes a kubeconfig for it.
+//! `--kubeconfig PATH`, writes an admin kubeconfig for it. With `--rbac`,
+//! a client impersonating a user (`kubectl --as`, kubeconfig `as:`) is
+//! limited by the RBAC objects stored.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,8 +14,12 @@ use clap::Parser;
 struct Cli {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Write an admin kubeconfig here.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Authorize requests by the stored Roles, ClusterRoles and bindings.
+    #[arg(long)]
+    rbac: bool,
 }
 
 #[tokio::main]
@@ -25,6 +31,6 @@ async fn main() -> std::io::Result<()> {
         std::fs::write(path, kube_standin::kubeconfig(&url))?;
     }
     println!("kube-standin listening on {url}");
-    kube_standin::serve(listener).await;
+    kube_standin::serve(listener, cli.rbac).await;
     Ok(())
 }
