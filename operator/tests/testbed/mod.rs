@@ -372,7 +372,9 @@ pub struct Sidecar {
 }
 
 pub fn spawn_sidecar(name: &str, dir: &Path, admin_port: u16, public_port: u16) -> Sidecar {
-    let token = dir.join("admin-token");
+    // One file per process: rewriting a shared file could be read half
+    // written (empty) by a process starting at that moment.
+    let token = dir.join(format!("{name}.token"));
     std::fs::write(&token, TOKEN).unwrap();
     let proc = Proc::spawn(
         name,
@@ -413,7 +415,7 @@ pub struct Operator {
 }
 
 pub fn spawn_operator(tb: &Testbed, ns: &str, identity: &str, dir: &Path) -> Operator {
-    let token = dir.join("admin-token");
+    let token = dir.join(format!("{identity}.token"));
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let port = free_port();
     let proc = Proc::spawn(
