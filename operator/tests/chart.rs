@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
@@ -166,6 +166,7 @@ fn check_schema(docs: &[Value]) {
             "Service" => roundtrip::<Service>(doc),
             "ServiceAccount" => roundtrip::<ServiceAccount>(doc),
             "Secret" => roundtrip::<Secret>(doc),
+            "ConfigMap" => roundtrip::<ConfigMap>(doc),
             "ClusterRole" => roundtrip::<ClusterRole>(doc),
             "ClusterRoleBinding" => roundtrip::<ClusterRoleBinding>(doc),
             "Role" => roundtrip::<Role>(doc),
@@ -346,6 +347,12 @@ fn default_install_is_valid_least_privilege_and_locked_down() {
         .clone()
         .unwrap();
     assert!(of_kind(&docs, "Secret").any(|s| name(s) == token_secret));
+    // The release owns the operator's ConfigMap (so uninstall removes it)
+    // but leaves its data to the operator.
+    let cm: Vec<&Value> = of_kind(&docs, "ConfigMap").collect();
+    assert_eq!(cm.len(), 1);
+    assert_eq!(name(cm[0]), "infergate-config");
+    assert!(cm[0].get("data").is_none());
     // No example workload unless asked for.
     assert_eq!(of_kind(&docs, "Deployment").count(), 1);
     assert_eq!(of_kind(&docs, "NetworkPolicy").count(), 0);

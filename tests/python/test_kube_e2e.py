@@ -124,10 +124,12 @@ def deployment():
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                         "crd/inferenceproviders.infergate.dev", "crd/modelroutes.infergate.dev")
         cluster.apply(docs=[{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}])
-        # The chart's ServiceAccount and RBAC, as `helm install -n e2e` makes them.
+        # The chart's ServiceAccount, RBAC and (empty) ConfigMap, as
+        # `helm install -n e2e` makes them.
         rbac = subprocess.run(
             [HELM, "template", "ig", str(ROOT / "charts" / "infergate"), "--namespace", NS,
-             "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"],
+             "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml",
+             "--show-only", "templates/configmap.yaml"],
             capture_output=True, text=True, check=True).stdout
         (tmp / "rbac.yaml").write_text(rbac)
         cluster.apply(tmp / "rbac.yaml")

@@ -532,6 +532,24 @@ async fn handle(
     if let Some(refused) = authorize(&state, &method, &headers, &t, &q) {
         return refused;
     }
+    // An apply that creates is also authorized as `create`, as upstream does.
+    let apply = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/apply-patch"));
+    if method == Method::PATCH && apply {
+        let key = (
+            t.coll.clone(),
+            t.ns.clone(),
+            t.name.clone().unwrap_or_default(),
+        );
+        let exists = state.lock().unwrap().objects.contains_key(&key);
+        if !exists {
+            if let Some(refused) = authorize(&state, &Method::POST, &headers, &t, &q) {
+                return refused;
+            }
+        }
+    }
     let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match (method, t.name.clone()) {
         (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
