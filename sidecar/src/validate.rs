@@ -115,6 +115,17 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
             None,
         ));
     }
+    // serde's derived structs also accept the positional (array) form; a
+    // request is an object, and the model splice depends on it.
+    let first = body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        return Err(ApiError::invalid(
+            "Request body must be a JSON object.",
+            None,
+        ));
+    }
     let parsed: Body = serde_json::from_slice(body).map_err(|e| {
         let msg = if e.is_syntax() || e.is_eof() {
             format!("Request body is not valid JSON: {e}")
@@ -247,7 +258,14 @@ pub fn with_model(body: &Bytes, parsed: &Parsed, upstream_model: &str) -> Bytes 
         None => {
             let mut value: serde_json::Value =
                 serde_json::from_slice(body).expect("body was validated as JSON");
-            value["model"] = serde_json::Value::String(upstream_model.to_owned());
+            // `validate` admits only objects; anything else passes unchanged.
+            let Some(object) = value.as_object_mut() else {
+                return body.clone();
+            };
+            object.insert(
+                "model".to_owned(),
+                serde_json::Value::String(upstream_model.to_owned()),
+            );
             Bytes::from(serde_json::to_vec(&value).expect("value serialises"))
         }
     }

@@ -103,3 +103,22 @@ fn escaped_model_names_fall_back_to_reserialising() {
     assert_eq!(out["model"], "up");
     assert_eq!(out["messages"][0]["content"], "x");
 }
+
+/// Found by the fuzzer: serde's derived structs also accept the positional
+/// (array) form, which then reached the model rewrite as a non-object.
+#[test]
+fn a_body_that_is_not_an_object_is_a_400() {
+    for body in [
+        r#"["m", [{"role": "user", "content": "x"}]]"#,
+        "  [\"&\\n \",[[\n\"];]]\"]],[0]\n]",
+        "\"just a string\"",
+        "42",
+    ] {
+        assert!(
+            message_of(chat(body)).contains("must be a JSON object"),
+            "{body:?}"
+        );
+    }
+    let ok = chat(" \n{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}");
+    assert!(ok.is_ok());
+}
