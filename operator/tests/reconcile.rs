@@ -11,8 +11,7 @@ use std::time::Duration;
 use infergate_crds::{InferenceProvider, ModelRoute};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
 use testbed::objects::*;
@@ -172,12 +171,8 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
         .unwrap();
     assert_eq!(provider.status.unwrap().ready_backends, 1);
     eventually("ProviderNotFound event", || async {
-        let events = Api::<Event>::namespaced(client.clone(), &ns)
-            .list(&ListParams::default())
-            .await
-            .ok()?;
-        events
-            .items
+        events(&client, &ns)
+            .await?
             .iter()
             .any(|e| {
                 e.reason.as_deref() == Some("ProviderNotFound")
@@ -299,12 +294,8 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
         stored["version"]
     );
     eventually("ConfigPushFailed event on a pod", || async {
-        let events = Api::<Event>::namespaced(client.clone(), &ns)
-            .list(&ListParams::default())
-            .await
-            .ok()?;
-        events
-            .items
+        events(&client, &ns)
+            .await?
             .iter()
             .find(|e| {
                 e.reason.as_deref() == Some("ConfigPushFailed")

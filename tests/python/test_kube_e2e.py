@@ -164,7 +164,7 @@ def deployment():
                  "--self-url", f"http://{ip}:8080"],
                 r"public=(http://\S+) admin=(http://\S+)",
             )
-            sc.url, sc.admin_url = sc.match.group(1), sc.match.group(2)
+            sc.url, sc.admin_url, sc.ip = sc.match.group(1), sc.match.group(2), ip
             procs.append(sc)
             sidecars.append(sc)
 
@@ -328,9 +328,8 @@ def test_a_sidecar_forwards_to_the_other_pod_and_signatures_follow(deployment):
         answered_by.setdefault(raw.headers["x-infergate-backend"], raw.parse().id)
         if len(answered_by) == 2:
             break
-    pod_ids = {f"{NS}/vllm/{s.url.split('//')[1].split(':')[0]}" for s in sidecars}
-    assert set(answered_by) == pod_ids, answered_by
-    remote = answered_by[f"{NS}/vllm/{sidecars[1].url.split('//')[1].split(':')[0]}"]
+    assert set(answered_by) == {f"{NS}/vllm/{s.ip}" for s in sidecars}, answered_by
+    remote = answered_by[f"{NS}/vllm/{sidecars[1].ip}"]
     auth = {"Authorization": f"Bearer {key}"}
     for s in sidecars:
         sig = httpx.get(f"{s.url}/v1/signature/{remote}", params={"signing_algo": "ecdsa"},

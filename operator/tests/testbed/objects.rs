@@ -2,7 +2,8 @@
 
 use infergate_crds::ModelRoute;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::PostParams;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
 
@@ -40,6 +41,15 @@ pub async fn config_map(client: &Client, ns: &str) -> Option<Value> {
         .await
         .ok()??;
     serde_json::from_str(cm.data?.get("config.json")?).ok()
+}
+
+/// The events in `ns`, or `None` while the API does not answer.
+pub async fn events(client: &Client, ns: &str) -> Option<Vec<Event>> {
+    let list = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .ok()?;
+    Some(list.items)
 }
 
 pub fn condition<'a>(status: &'a Value, kind: &str) -> Option<&'a Value> {

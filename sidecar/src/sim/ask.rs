@@ -1,6 +1,7 @@
 //! What a generation request asks for: the simulator's settings, overridden
 //! per request by `x-sim-*` headers, capped by the body's `max_*tokens`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
@@ -8,7 +9,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{error, Fault, Sim};
+use super::{error, Active, Fault, Sim};
 
 pub(super) struct Ask {
     pub model: String,
@@ -52,6 +53,23 @@ struct StreamOptions {
 }
 
 impl Ask {
+    /// Counts the request as active and reads it; a request answered at
+    /// once (an `Err`) counts as completed, not cancelled.
+    pub async fn begin(
+        sim: &Arc<Sim>,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(Active, Ask), Response> {
+        let active = Active::start(sim);
+        match Ask::read(sim, headers, body).await {
+            Ok(ask) => Ok((active, ask)),
+            Err(resp) => {
+                active.finish();
+                Err(resp)
+            }
+        }
+    }
+
     /// Reads the request and applies the faults that strike before any
     /// answer (`slow-headers`, `500`); an `Err` is the answer to send.
     pub async fn read(sim: &Sim, headers: &HeaderMap, body: &[u8]) -> Result<Ask, Response> {

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::ask::Ask;
 use super::stream::{sse, text as completion_text, whole, Script, TokenFrame, DONE};
-use super::{now_secs, Active, Sim};
+use super::{now_secs, Sim};
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -30,13 +30,9 @@ pub(super) async fn text(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: 
 }
 
 async fn answer(sim: Arc<Sim>, kind: Kind, headers: HeaderMap, body: Bytes) -> Response {
-    let active = Active::start(&sim);
-    let ask = match Ask::read(&sim, &headers, &body).await {
-        Ok(ask) => ask,
-        Err(resp) => {
-            active.finish();
-            return resp;
-        }
+    let (active, ask) = match Ask::begin(&sim, &headers, &body).await {
+        Ok(begun) => begun,
+        Err(resp) => return resp,
     };
     let id = sim.ids.next(match kind {
         Kind::Chat => "chatcmpl-",

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::ask::Ask;
 use super::stream::{sse, text as completion_text, whole, Script, TokenFrame};
-use super::{error_with_param, now_secs, Active, Sim};
+use super::{error_with_param, now_secs, Sim};
 
 /// Answers kept for `previous_response_id` and `GET`: the last 10 000.
 const CAPACITY: usize = 10_000;
@@ -72,13 +72,9 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let active = Active::start(&sim);
-    let ask = match Ask::read(&sim, &headers, &body).await {
-        Ok(ask) => ask,
-        Err(resp) => {
-            active.finish();
-            return resp;
-        }
+    let (active, ask) = match Ask::begin(&sim, &headers, &body).await {
+        Ok(begun) => begun,
+        Err(resp) => return resp,
     };
     let history = match &ask.previous_response_id {
         None => 0,

@@ -221,40 +221,9 @@ fn ok(code: u16, body: &Value) -> Response {
 }
 
 fn query(uri: &Uri) -> BTreeMap<String, String> {
-    uri.query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    axum::extract::Query::try_from_uri(uri)
+        .map(|q| q.0)
+        .unwrap_or_default()
 }
 
 /// RFC 7386 JSON merge patch (also used for apply: objects merge, lists
@@ -336,9 +305,11 @@ impl State {
             .and_then(|o| o.remove("stringData"))
             .and_then(|d| d.as_object().cloned())
         {
-            use base64_lite::encode;
+            use base64::Engine;
             for (k, v) in data {
-                obj["data"][&k] = json!(encode(v.as_str().unwrap_or("").as_bytes()));
+                obj["data"][&k] = json!(
+                    base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or(""))
+                );
             }
         }
         if coll.ends_with("customresourcedefinitions") {
@@ -396,39 +367,23 @@ impl State {
     }
 }
 
-/// The least dependency: base64 for Secret `stringData`.
-mod base64_lite {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    pub fn encode(bytes: &[u8]) -> String {
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
+/// The API verb a request asks for, as RBAC names it.
+fn verb(method: &Method, t: &Target, watching: bool) -> &'static str {
+    match (method, &t.name) {
+        (&Method::GET, None) if watching => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "unknown",
     }
 }
 
 /// The refusal, if any: with RBAC on, 401 for an unknown token, 403
 /// (worded as the real API server words it) when no binding allows it.
-fn authorize(
-    state: &Shared,
-    method: &Method,
-    headers: &HeaderMap,
-    t: &Target,
-    q: &BTreeMap<String, String>,
-) -> Option<Response> {
+fn authorize(state: &Shared, verb: &str, headers: &HeaderMap, t: &Target) -> Option<Response> {
     let s = state.lock().unwrap();
     if !s.rbac {
         return None;
@@ -442,16 +397,6 @@ fn authorize(
         .and_then(|v| v.to_str().ok());
     let Some(who) = rbac::identify(bearer, impersonate) else {
         return Some(status(401, "Unauthorized", "Unauthorized".into()));
-    };
-    let verb = match (method, &t.name) {
-        (&Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => "watch",
-        (&Method::GET, None) => "list",
-        (&Method::GET, Some(_)) => "get",
-        (&Method::POST, _) => "create",
-        (&Method::PUT, _) => "update",
-        (&Method::PATCH, _) => "patch",
-        (&Method::DELETE, _) => "delete",
-        _ => "unknown",
     };
     let (group_version, plural) = t.coll.rsplit_once('/').unwrap();
     let group = group_version.rsplit_once('/').map_or("", |(g, _)| g);
@@ -528,15 +473,13 @@ async fn handle(
             format!("{content_type} is not served here"),
         );
     }
+    let apply = content_type.starts_with("application/apply-patch");
     let q = query(&uri);
-    if let Some(refused) = authorize(&state, &method, &headers, &t, &q) {
+    let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    if let Some(refused) = authorize(&state, verb(&method, &t, watching), &headers, &t) {
         return refused;
     }
     // An apply that creates is also authorized as `create`, as upstream does.
-    let apply = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.starts_with("application/apply-patch"));
     if method == Method::PATCH && apply {
         let key = (
             t.coll.clone(),
@@ -545,16 +488,14 @@ async fn handle(
         );
         let exists = state.lock().unwrap().objects.contains_key(&key);
         if !exists {
-            if let Some(refused) = authorize(&state, &Method::POST, &headers, &t, &q) {
+            if let Some(refused) = authorize(&state, "create", &headers, &t) {
                 return refused;
             }
         }
     }
     let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     match (method, t.name.clone()) {
-        (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch::watch(state, t, q)
-        }
+        (Method::GET, None) if watching => watch::watch(state, t, q),
         (Method::GET, None) => watch::list(&state, &t, &q, table),
         (Method::GET, Some(name)) => {
             let s = state.lock().unwrap();
@@ -572,14 +513,7 @@ async fn handle(
             write(&state, &t, &name, None, sent, true)
         }
         (Method::PUT, Some(name)) => write(&state, &t, &name, None, sent, false),
-        (Method::PATCH, Some(name)) => {
-            let ct = headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let apply = ct.starts_with("application/apply-patch");
-            write(&state, &t, &name, Some(apply), sent, false)
-        }
+        (Method::PATCH, Some(name)) => write(&state, &t, &name, Some(apply), sent, false),
         (Method::DELETE, Some(name)) => {
             let mut s = state.lock().unwrap();
             let key = (t.coll.clone(), t.ns.clone(), name.clone());
