@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
 use infergate_sidecar::config::{
-    self, ApiKey, Backend, GatewayConfig, ModelRoute as RouteConfig, Sticky, Target, Timeouts,
+    self, ApiKey, Backend, GatewayConfig, ModelRoute as RouteConfig, Sticky, Target, TimeoutOverrides, Timeouts,
 };
 
 /// (namespace, name)
@@ -180,12 +180,12 @@ fn provider_backends(
     spec: &InferenceProviderSpec,
     inputs: &Inputs,
 ) -> Vec<Backend> {
-    let defaults = Timeouts::default();
-    let timeouts = spec.timeouts.map(|t| Timeouts {
-        connect_ms: t.connect_ms.unwrap_or(defaults.connect_ms),
-        first_byte_ms: t.first_byte_ms.unwrap_or(defaults.first_byte_ms),
-        idle_ms: t.idle_ms.unwrap_or(defaults.idle_ms),
-        total_ms: 0,
+    // Unset fields stay unset: the sidecar falls back to the global ones.
+    let timeouts = spec.timeouts.map(|t| TimeoutOverrides {
+        connect_ms: t.connect_ms,
+        first_byte_ms: t.first_byte_ms,
+        idle_ms: t.idle_ms,
+        total_ms: None,
     });
     let base = |id: String, url: String, sidecar: Option<String>| Backend {
         id,

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::metrics::ReasonLabels;
+use crate::peers::PeerHop;
 use crate::validate::Endpoint;
 use crate::AppState;
 
@@ -114,6 +115,7 @@ pub fn valid_id(id: &str) -> bool {
 
 async fn signature(
     State(s): State<Arc<AppState>>,
+    PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<SignatureQuery>,
@@ -144,7 +146,7 @@ async fn signature(
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or(uri.path());
-        return crate::responses::from_peers(&s, via.as_deref(), path, &headers)
+        return crate::responses::from_peers(&s, via.as_deref(), path, &headers, hop.is_some())
             .await
             .ok_or_else(not_found);
     };
@@ -208,7 +210,9 @@ async fn report(
         }
         None => {
             let mut n = [0u8; 16];
-            getrandom::getrandom(&mut n).expect("OS randomness");
+            getrandom::getrandom(&mut n).map_err(|_| {
+                ApiError::invalid("No nonce given and none could be made; send one.", Some("nonce"))
+            })?;
             hex::encode(n)
         }
     };
@@ -237,12 +241,13 @@ async fn report(
 /// sidecar served it and the caller's key made it.
 async fn owner(
     State(s): State<Arc<AppState>>,
+    PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let key = crate::auth::authenticate(&s.table.load(), &headers)?;
     let not_found = || ApiError::NotFound(format!("No response `{id}` here."));
-    if !headers.contains_key(crate::peers::HOP) || !valid_id(&id) {
+    if hop.is_none() || !valid_id(&id) {
         return Err(not_found());
     }
     let owner = s

@@ -19,16 +19,21 @@ use crate::table::{KeyEntry, Table};
 pub const MIN_KEY_LEN: usize = 16;
 pub const MAX_KEY_LEN: usize = 256;
 
+/// The token of the one `Authorization: Bearer <token>` header, exactly as
+/// sent: two headers, or spaces around the token, are malformed (a proxy
+/// and the gateway could otherwise disagree on which key was presented).
 pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(ApiError::MissingKey)?;
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let value = all.next().ok_or(ApiError::MissingKey)?;
+    if all.next().is_some() {
+        return Err(ApiError::InvalidKey);
+    }
     let value = value.to_str().map_err(|_| ApiError::InvalidKey)?;
     let (scheme, token) = value.split_once(' ').ok_or(ApiError::InvalidKey)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ApiError::InvalidKey);
     }
-    Ok(token.trim())
+    Ok(token)
 }
 
 pub fn well_formed(key: &str) -> bool {
@@ -97,6 +102,9 @@ mod tests {
             "Bearer short".to_owned(),
             "Bearer".to_owned(),
             format!("Bearer {}", "a".repeat(300)),
+            format!("Bearer {key} "),
+            format!("Bearer  {key}"),
+            format!("Bearer {key}\t"),
         ] {
             assert!(
                 matches!(
@@ -109,6 +117,15 @@ mod tests {
         assert!(matches!(
             authenticate(&table, &HeaderMap::new()),
             Err(ApiError::MissingKey)
+        ));
+        let mut twice = headers(&format!("Bearer {key}"));
+        twice.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
+        );
+        assert!(matches!(
+            authenticate(&table, &twice),
+            Err(ApiError::InvalidKey)
         ));
     }
 

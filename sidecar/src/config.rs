@@ -88,7 +88,7 @@ pub struct Backend {
     pub api_key_file: Option<String>,
     /// Per-backend deadlines; unset fields fall back to the global ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeouts: Option<Timeouts>,
+    pub timeouts: Option<TimeoutOverrides>,
 }
 
 fn yes() -> bool {
@@ -165,15 +165,41 @@ impl Default for Sticky {
 pub struct Timeouts {
     #[serde(default = "Timeouts::default_connect")]
     pub connect_ms: u64,
-    /// Until response headers and the first body bytes arrive.
+    /// Streams: until response headers and the first body bytes arrive.
     #[serde(default = "Timeouts::default_first_byte")]
     pub first_byte_ms: u64,
     /// Longest gap between two body chunks.
     #[serde(default = "Timeouts::default_idle")]
     pub idle_ms: u64,
-    /// Whole request; 0 = none (streams are bounded by `idle_ms`).
-    #[serde(default)]
+    /// Non-streamed answers, whole (vLLM sends nothing until it is done);
+    /// 0 = none. Streams are bounded by `first_byte_ms` and `idle_ms`.
+    #[serde(default = "Timeouts::default_total")]
     pub total_ms: u64,
+}
+
+/// A backend's own deadlines: each field it leaves out is the global one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TimeoutOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+}
+
+impl TimeoutOverrides {
+    pub fn over(self, global: Timeouts) -> Timeouts {
+        Timeouts {
+            connect_ms: self.connect_ms.unwrap_or(global.connect_ms),
+            first_byte_ms: self.first_byte_ms.unwrap_or(global.first_byte_ms),
+            idle_ms: self.idle_ms.unwrap_or(global.idle_ms),
+            total_ms: self.total_ms.unwrap_or(global.total_ms),
+        }
+    }
 }
 
 impl Timeouts {
@@ -186,6 +212,9 @@ impl Timeouts {
     fn default_idle() -> u64 {
         30_000
     }
+    fn default_total() -> u64 {
+        600_000
+    }
 }
 
 impl Default for Timeouts {
@@ -194,7 +223,7 @@ impl Default for Timeouts {
             connect_ms: Self::default_connect(),
             first_byte_ms: Self::default_first_byte(),
             idle_ms: Self::default_idle(),
-            total_ms: 0,
+            total_ms: Self::default_total(),
         }
     }
 }
@@ -289,6 +318,7 @@ impl GatewayConfig {
     /// The version every replica and the operator agree on: SHA-256 of the
     /// canonical JSON (sorted keys, no whitespace) of the config without its
     /// `version` field.
+    #[allow(clippy::expect_used, reason = "a config is plain data: it always serialises")]
     pub fn computed_version(&self) -> String {
         let mut copy = self.clone();
         copy.version = None;
@@ -378,6 +408,7 @@ impl GatewayConfig {
 }
 
 /// JSON with object keys sorted and no insignificant whitespace.
+#[allow(clippy::expect_used, reason = "a Value always serialises")]
 pub fn canonical_json(value: &serde_json::Value) -> String {
     fn sorted(v: &serde_json::Value) -> serde_json::Value {
         match v {

@@ -42,6 +42,11 @@ pub enum ApiError {
     BodyTimeout,
     #[error("All backends for model `{0}` are at capacity; retry shortly.")]
     AtCapacity(String),
+    /// Internal headers (`x-infergate-*`) that no peer signed.
+    #[error("Headers x-infergate-hop and x-infergate-backend-pin are internal to infergate and not accepted from clients.")]
+    ForgedHop,
+    #[error("Content-Type must be application/json.")]
+    UnsupportedMediaType,
 }
 
 fn retry_secs(d: std::time::Duration) -> u64 {
@@ -62,7 +67,8 @@ impl ApiError {
             MissingKey | InvalidKey | AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ModelNotFound(_) | NotFound(_) | NotSigned(_) => StatusCode::NOT_FOUND,
-            InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            InvalidRequest { .. } | ForgedHop => StatusCode::BAD_REQUEST,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             NoBackend(_) | AtCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -93,6 +99,8 @@ impl ApiError {
             RateLimited(_) => "rate_limit_exceeded",
             BodyTimeout => "request_timeout",
             AtCapacity(_) => "at_capacity",
+            ForgedHop => "forged_internal_header",
+            UnsupportedMediaType => "unsupported_media_type",
         }
     }
 
@@ -141,7 +149,8 @@ pub fn error_json(message: String, kind: &str, code: &str) -> Vec<u8> {
             code,
         },
     })
-    .expect("error body serialises")
+    // Strings only: serialising cannot fail; the fallback is never used.
+    .unwrap_or_else(|_| b"{\"error\":{}}".to_vec())
 }
 
 impl IntoResponse for ApiError {
@@ -154,7 +163,7 @@ impl IntoResponse for ApiError {
                 code: self.metric_label(),
             },
         })
-        .expect("error body serialises");
+        .unwrap_or_else(|_| b"{\"error\":{}}".to_vec());
         let mut resp = (self.status(), body).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, TokenLabels};
 use crate::quota::KeySlot;
+use crate::sse::Usage;
 use crate::stream::{End, EndCause, OnEnd};
 use crate::table::{now_ns, Backend, KeyEntry, Route};
 use crate::usage::{now_unix_ms, UsageRecord};
@@ -35,6 +36,27 @@ pub struct Exchange {
     pub slot: Slot,
     /// The key's concurrency slot, if it has a limit.
     pub key_slot: Option<KeySlot>,
+    /// Size of the client's request body (for a usage estimate).
+    pub request_bytes: u64,
+    /// Charge the key's token quota here: false on a hop, where the sidecar
+    /// the client reached admits and charges the request.
+    pub charge: bool,
+}
+
+/// Tokens of an answer the upstream did not count (a stream cut before its
+/// usage event, or an upstream that ignored the request for usage): about
+/// four bytes of prompt per token, one token per streamed chunk, four bytes
+/// per token of a JSON answer. Marked as an estimate in the usage record.
+fn estimate(end: &End, request_bytes: u64) -> Usage {
+    let completion_tokens = if end.first_chunk.is_some() {
+        end.frames
+    } else {
+        end.bytes.div_ceil(4)
+    };
+    Usage {
+        prompt_tokens: request_bytes.div_ceil(4),
+        completion_tokens,
+    }
 }
 
 impl Exchange {
@@ -85,7 +107,13 @@ impl OnEnd for Exchange {
                 rm.inter_token.observe(gap.as_secs_f64());
             }
         }
-        let usage = end.scan.usage;
+        // Whatever produced tokens is charged: counted by the upstream, or
+        // else estimated from what was sent.
+        let estimated = end.scan.usage.is_none() && self.status.is_success() && end.frames > 0;
+        let usage = end
+            .scan
+            .usage
+            .or_else(|| estimated.then(|| estimate(&end, self.request_bytes)));
         if let Some(u) = usage {
             let labels = TokenLabels {
                 model: route.name.clone(),
@@ -97,7 +125,7 @@ impl OnEnd for Exchange {
             m.completion_tokens
                 .get_or_create(&labels)
                 .inc_by(u.completion_tokens);
-            if let Some(q) = &self.key.quota {
+            if let Some(q) = self.key.quota.as_ref().filter(|_| self.charge) {
                 q.charge_tokens(now_ns(), u.prompt_tokens + u.completion_tokens);
             }
         }
@@ -132,6 +160,7 @@ impl OnEnd for Exchange {
                 status: self.status.as_u16(),
                 prompt_tokens: usage.map(|u| u.prompt_tokens),
                 completion_tokens: usage.map(|u| u.completion_tokens),
+                usage_estimated: estimated,
                 ttft_ms: ttft.map(|t| t.as_secs_f64() * 1e3),
                 duration_ms: duration.as_secs_f64() * 1e3,
                 finish_reason: end.scan.finish_reason,

@@ -3,6 +3,14 @@
 //! `app(state)` is the public router and `admin_app(state)` the admin one;
 //! both are plain axum routers so tests drive them with `oneshot` or serve
 //! them on real sockets.
+//!
+//! Nothing here may panic on a request: no `unwrap`, `expect` or `panic!`
+//! outside tests (enforced below; the simulator is test equipment and is
+//! exempt until it moves to its own crate).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod admin;
 pub mod api;
@@ -18,11 +26,13 @@ pub mod proxy;
 pub mod quota;
 pub mod responses;
 pub mod serve;
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod sim;
 pub mod sse;
 pub mod stream;
 pub mod table;
 pub mod usage;
+pub mod usage_chunk;
 pub mod validate;
 
 use std::sync::{Arc, Mutex};
@@ -55,6 +65,8 @@ pub struct AppState {
     pub self_url: Option<String>,
     /// For talking to peer sidecars (signature and owner look-ups).
     pub peer_client: reqwest::Client,
+    /// Signs the hops this sidecar makes, checks the ones it receives.
+    pub hops: peers::HopAuth,
     /// Where usage records go, if anywhere.
     pub usage: Option<usage::UsageLog>,
     /// Signalled when a backend slot frees up, for requests queued on a
@@ -81,6 +93,9 @@ pub struct Options {
     pub records_ttl: Option<Duration>,
     /// See `AppState::self_url`.
     pub self_url: Option<String>,
+    /// Shared by every sidecar of a deployment; authenticates hops between
+    /// them. Without it this sidecar neither makes nor accepts hops.
+    pub peer_secret: Option<Vec<u8>>,
     /// Usage records (JSON lines); needs a running tokio runtime.
     pub usage: Option<usage::Sink>,
     /// Changes the log filter at run time (`PUT /admin/v1/log-level`).
@@ -127,7 +142,9 @@ impl AppState {
                 options.records_ttl.unwrap_or(Duration::from_secs(3600)),
             ),
             self_url: options.self_url.map(|u| u.trim_end_matches('/').to_owned()),
-            peer_client: table::upstream_client(2_000).expect("static client settings are valid"),
+            peer_client: table::upstream_client(2_000)
+                .map_err(|e| ConfigError::Invalid(format!("HTTP client: {e}")))?,
+            hops: peers::HopAuth::new(options.peer_secret),
             log_level: options.log_level,
             slot_freed: Arc::new(tokio::sync::Notify::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
@@ -234,20 +251,28 @@ impl AppState {
 impl AppState {
     /// Who produced response `id`: remembered here, or learnt from a peer
     /// (never when this request is itself a hop, so look-ups do not bounce).
-    pub async fn find_owner(&self, id: &str, headers: &axum::http::HeaderMap) -> Option<Owner> {
+    pub async fn find_owner(
+        &self,
+        id: &str,
+        headers: &axum::http::HeaderMap,
+        hop: bool,
+    ) -> Option<Owner> {
         if let Some(r) = self.records.get(id) {
             return Some(r.owner.clone());
         }
         if let Some(o) = self.owners.get(id) {
             return Some(o);
         }
-        if headers.contains_key(peers::HOP) {
+        if hop {
             return None;
         }
         let table = self.table.load_full();
         let peer_list = peers::peers(&table, self.self_url.as_deref());
-        let hdrs = peers::peer_headers(headers, self.self_url.as_deref());
         let path = format!("/v1/internal/owner/{id}");
+        let empty: [u8; 32] = Sha256::digest(b"").into();
+        let hdrs = self
+            .hops
+            .headers(headers, &axum::http::Method::GET, &path, &empty, None);
         let (_, _, body) = peers::ask(&self.peer_client, &peer_list, &path, &hdrs).await?;
         #[derive(serde::Deserialize)]
         struct Found {

@@ -65,6 +65,11 @@ struct ServeArgs {
     /// forwarded to their own sidecar.
     #[arg(long, env = "INFERGATE_SELF_URL")]
     self_url: Option<String>,
+    /// File holding the secret every sidecar of a deployment shares: it
+    /// authenticates requests one sidecar forwards to another. Without it
+    /// this sidecar neither forwards to peers nor accepts their requests.
+    #[arg(long, env = "INFERGATE_PEER_SECRET_FILE")]
+    peer_secret_file: Option<PathBuf>,
     /// Usage records as JSON lines: `stdout` or a file path.
     #[arg(long, env = "INFERGATE_USAGE_LOG")]
     usage_log: Option<infergate_sidecar::usage::Sink>,
@@ -80,6 +85,15 @@ const DEMO_KEY: &str = "ig-demo-0123456789abcdef";
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let log_level = init_tracing(cli.serve.log_json);
+    // A panic is a bug: one log line saying where, never a backtrace (it
+    // costs memory and may hold request data), whatever RUST_BACKTRACE says.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(location = %at, "internal error (panic); the request was dropped");
+    }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -129,6 +143,16 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
         ),
         None => None,
     };
+    let peer_secret = match &args.peer_secret_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading peer secret file {}", path.display()))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+        ),
+        None => None,
+    };
     let signer = match (&args.ecdsa_key_file, &args.ed25519_key_file) {
         (Some(e), Some(d)) => Some(Signer::from_files(e, d)?),
         _ => None,
@@ -143,6 +167,7 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
         signer,
         tee,
         self_url: args.self_url,
+        peer_secret,
         usage: args.usage_log,
         log_level: Some(log_level),
         ..Options::default()

@@ -192,6 +192,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    #[allow(clippy::expect_used, reason = "writing to a String cannot fail")]
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -2,15 +2,18 @@
 //! authenticate (before reading the body), validate, resolve the model,
 //! pick a backend, forward, and pass the answer through while it is hashed.
 //!
-//! A request is retried on another backend only while nothing has been sent
-//! to the client: connect failures, first-byte timeouts and 5xx answers.
+//! A request is retried on another backend only where the first cannot be
+//! generating it: the connection was refused or never made, or the upstream
+//! answered 5xx (it has finished with the request). A deadline that passes
+//! while the upstream may still be working is a 504, never a second run;
+//! and slowness alone never ejects a backend, failures do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Response};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -22,7 +25,7 @@ use crate::metrics::ErrorLabels;
 use crate::peers;
 use crate::sse;
 use crate::stream::{error_kind, End, EndCause, Observed, OnEnd};
-use crate::table::{now_ms, now_ns, Backend, Route, RouteTarget, Table};
+use crate::table::{now_ms, now_ns, Backend, KeyEntry, Route, RouteTarget, Table};
 use crate::validate::{self, Endpoint, Parsed};
 use crate::AppState;
 
@@ -40,8 +43,12 @@ pub async fn forward(
     let received = Instant::now();
     let table = state.table.load_full();
     let key = crate::auth::authenticate(&table, &headers)?;
+    require_json(&headers)?;
+    // A hop was admitted (and is charged) by the sidecar the client reached;
+    // one that claims to be a hop is checked below, once its body is known.
+    let claims_hop = headers.contains_key(peers::HOP) || headers.contains_key(peers::PIN);
     // Quotas before the body is read: a refused request costs no more.
-    let mut key_slot = match &key.quota {
+    let mut key_slot = match key.quota.as_ref().filter(|_| !claims_hop) {
         Some(q) => q.admit(now_ns()).map_err(ApiError::RateLimited)?,
         None => None,
     };
@@ -59,6 +66,10 @@ pub async fn forward(
         Ok(Err(_)) => return Err(ApiError::BodyTooLarge(limit)),
         Ok(Ok(body)) => body,
     };
+    let request_sha256: [u8; 32] = Sha256::digest(&body).into();
+    let hop = state
+        .hops
+        .verify(&headers, &Method::POST, endpoint.path(), &request_sha256)?;
     let parsed = validate::validate(endpoint, &body, table.limits.max_messages)?;
     let route = table
         .route(&parsed.model)
@@ -66,10 +77,11 @@ pub async fn forward(
     if !key.may_use(route) {
         return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
     }
-    let request_sha256: [u8; 32] = Sha256::digest(&body).into();
-    let hop = headers.contains_key(peers::HOP);
-    let pinned = pinned_target(&state, route, &headers, &parsed, hop).await?;
+    let pinned = pinned_target(&state, &key, route, &headers, &parsed, hop.as_ref()).await?;
     let session = session_key(route, &headers, &parsed);
+    // Streams always ask the upstream for usage (quotas need the count);
+    // a client that did not ask does not get the usage event.
+    let strip_usage = parsed.usage_edit.is_some();
 
     let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(table.limits.queue_ms);
     loop {
@@ -91,18 +103,48 @@ pub async fn forward(
             let Some(slot) = Slot::acquire(&target.backend, &state) else {
                 continue;
             };
-            let via = if hop {
+            let via = if hop.is_some() {
                 None
             } else {
                 peers::remote(target.backend.sidecar.as_deref(), state.self_url.as_deref())
             };
-            let upstream_body = match via {
-                // The peer gets the client's bytes; it resolves the alias itself.
-                Some(_) => body.clone(),
-                None => validate::with_model(&body, &parsed, &target.upstream_model),
+            let (upstream_body, hop_headers) = match via {
+                // The peer gets the client's bytes; it resolves the alias
+                // and asks for usage itself.
+                Some(_) => {
+                    let signed = state.hops.headers(
+                        &headers,
+                        &Method::POST,
+                        endpoint.path(),
+                        &request_sha256,
+                        Some(&target.backend.id),
+                    );
+                    (body.clone(), Some(signed))
+                }
+                None => (
+                    validate::upstream_body(&body, &parsed, &target.upstream_model, strip_usage),
+                    None,
+                ),
             };
-            match send(&state, target, via, endpoint, &headers, upstream_body).await {
+            let deadline = if parsed.stream {
+                Deadline::FirstByte(target.backend.timeouts.first_byte_ms)
+            } else {
+                Deadline::Total(target.backend.timeouts.total_ms)
+            };
+            let outcome = send(
+                target,
+                via,
+                endpoint,
+                &headers,
+                hop_headers,
+                upstream_body,
+                deadline,
+            )
+            .await;
+            match outcome {
                 Ok(resp) if resp.status().is_server_error() && via.is_none() => {
+                    // The upstream is done with this request: another
+                    // backend may try, and nothing runs twice at once.
                     let status = resp.status();
                     fail(&state, &table, &target.backend, "status_5xx");
                     last_error = Some(ApiError::Upstream(format!(
@@ -126,12 +168,25 @@ pub async fn forward(
                         received,
                         slot,
                         key_slot: key_slot.take(),
+                        request_bytes: body.len() as u64,
+                        charge: hop.is_none(),
                     };
-                    return respond(resp, exchange).await;
+                    // On a hop the usage event goes on to the peer, which
+                    // removes it from what its client gets.
+                    let strip = strip_usage.then_some(hop.is_none());
+                    return respond(resp, exchange, strip).await;
                 }
-                Err((kind, err)) => {
+                Err(Failure::NotStarted(kind, err)) => {
                     fail(&state, &table, &target.backend, kind);
                     last_error = Some(err);
+                }
+                Err(Failure::MayHaveStarted(kind, err)) => {
+                    fail(&state, &table, &target.backend, kind);
+                    return Err(err);
+                }
+                Err(Failure::Slow(kind, err)) => {
+                    count(&state, &target.backend, kind);
+                    return Err(err);
                 }
             }
         }
@@ -151,6 +206,23 @@ pub async fn forward(
                 ApiError::NoBackend(route.name.clone())
             });
         }
+    }
+}
+
+/// `application/json` (any parameters, any case) or a `+json` type; bodies
+/// of other types are not what the OpenAI API takes.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .is_some_and(|t| {
+            t == "application/json" || (t.starts_with("application/") && t.ends_with("+json"))
+        });
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
     }
 }
 
@@ -188,34 +260,50 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
 
 /// The one target this request must go to, if any: the backend a peer
 /// chose (on a hop), or the owner of `previous_response_id`.
+///
+/// A request that names earlier state continues it only with the key that
+/// made it (or an admin key); for any other key the id does not exist, the
+/// same 404 an unknown id gets, here and when the owner is a peer's.
 async fn pinned_target(
     state: &AppState,
+    key: &KeyEntry,
     route: &Route,
     headers: &HeaderMap,
     parsed: &Parsed,
-    hop: bool,
+    hop: Option<&peers::Hop>,
 ) -> Result<Option<usize>, ApiError> {
     let position = |backend: &str| route.targets.iter().position(|t| t.backend.id == backend);
-    if hop {
-        if let Some(pin) = headers.get(peers::PIN).and_then(|v| v.to_str().ok()) {
-            return position(pin)
-                .map(Some)
-                .ok_or_else(|| ApiError::NoBackend(route.name.clone()));
+    if let Some(previous) = parsed.previous_response_id.as_deref() {
+        let not_found = || ApiError::NotFound(format!("No response with id `{previous}`."));
+        let owner = match hop {
+            // The sidecar the client reached checked the owner; what this
+            // one remembers must agree.
+            Some(_) => state.records.get(previous).map(|r| r.owner.clone()),
+            None => Some(
+                state
+                    .find_owner(previous, headers, false)
+                    .await
+                    .ok_or_else(not_found)?,
+            ),
+        };
+        if owner
+            .as_ref()
+            .is_some_and(|o| o.key_id != key.id && !key.admin)
+        {
+            return Err(not_found());
+        }
+        if let (None, Some(owner)) = (hop, owner) {
+            if route.sticky.previous_response_id {
+                return Ok(position(&owner.backend));
+            }
         }
     }
-    let Some(previous) = parsed
-        .previous_response_id
-        .as_deref()
-        .filter(|_| route.sticky.previous_response_id)
-    else {
-        return Ok(None);
-    };
-    // Unknown everywhere: rendezvous on the id still gives every replica
-    // the same answer, and the backend says 404 if it has no such state.
-    Ok(state
-        .find_owner(previous, headers)
-        .await
-        .and_then(|owner| position(&owner.backend)))
+    match hop.and_then(|h| h.pin.as_deref()) {
+        Some(pin) => position(pin)
+            .map(Some)
+            .ok_or_else(|| ApiError::NoBackend(route.name.clone())),
+        None => Ok(None),
+    }
 }
 
 /// The first sticky source present in the request, in the route's order.
@@ -240,8 +328,14 @@ fn session_key<'a>(route: &Route, headers: &'a HeaderMap, parsed: &'a Parsed) ->
         })
 }
 
+/// A failure of the backend: counted, and the backend ejected for a while.
 fn fail(state: &AppState, table: &Table, backend: &Backend, kind: &'static str) {
     backend.record_failure(Duration::from_millis(table.limits.eject_ms));
+    count(state, backend, kind);
+    tracing::warn!(backend = %backend.id, kind, "upstream failed; backend ejected for a while");
+}
+
+fn count(state: &AppState, backend: &Backend, kind: &'static str) {
     state
         .metrics
         .upstream_errors
@@ -250,21 +344,37 @@ fn fail(state: &AppState, table: &Table, backend: &Backend, kind: &'static str) 
             kind,
         })
         .inc();
-    tracing::warn!(backend = %backend.id, kind, "upstream failed; backend ejected for a while");
 }
 
-type SendError = (&'static str, ApiError);
+/// How a request to a backend failed, by what it means for a retry.
+enum Failure {
+    /// No connection was made: the upstream never saw the request.
+    NotStarted(&'static str, ApiError),
+    /// The request was sent, then the connection failed.
+    MayHaveStarted(&'static str, ApiError),
+    /// The deadline passed while the upstream may still be working on it.
+    Slow(&'static str, ApiError),
+}
+
+/// How long to wait for the response headers: streams send them at once,
+/// non-streamed answers only when the whole generation is done.
+#[derive(Clone, Copy)]
+enum Deadline {
+    FirstByte(u64),
+    Total(u64),
+}
 
 async fn send(
-    state: &AppState,
     target: &RouteTarget,
     via: Option<&str>,
     endpoint: Endpoint,
     client_headers: &HeaderMap,
+    hop_headers: Option<HeaderMap>,
     body: Bytes,
-) -> Result<reqwest::Response, SendError> {
+    deadline: Deadline,
+) -> Result<reqwest::Response, Failure> {
     let backend = &target.backend;
-    let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
+    let mut headers = HeaderMap::with_capacity(client_headers.len() + 3);
     for (name, value) in client_headers {
         if forwardable(name) {
             headers.append(name.clone(), value.clone());
@@ -274,18 +384,12 @@ async fn send(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let base = match via {
-        Some(peer) => {
-            headers.extend(peers::peer_headers(
-                client_headers,
-                state.self_url.as_deref(),
-            ));
-            if let Ok(pin) = HeaderValue::from_str(&backend.id) {
-                headers.insert(peers::PIN, pin);
-            }
+    let base = match (via, hop_headers) {
+        (Some(peer), Some(hop)) => {
+            headers.extend(hop);
             peer
         }
-        None => {
+        _ => {
             if let Some(key) = &backend.api_key {
                 headers.insert(header::AUTHORIZATION, key.clone());
             }
@@ -298,32 +402,42 @@ async fn send(
         .headers(headers)
         .body(body)
         .send();
-    let first_byte = Duration::from_millis(backend.timeouts.first_byte_ms);
-    match tokio::time::timeout(first_byte, request).await {
+    let (ms, kind, what) = match deadline {
+        Deadline::FirstByte(ms) => (ms, "first_byte_timeout", "waiting for the first byte"),
+        Deadline::Total(ms) => (ms, "total_timeout", "waiting for the answer"),
+    };
+    let answer = if ms == 0 {
+        Ok(request.await)
+    } else {
+        tokio::time::timeout(Duration::from_millis(ms), request).await
+    };
+    match answer {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) if e.is_timeout() => Err((
-            "connect_timeout",
-            ApiError::UpstreamTimeout("connecting to the backend"),
-        )),
-        Ok(Err(e)) => Err((
-            "connect",
+        Ok(Err(e)) if e.is_connect() => Err(Failure::NotStarted(
+            if e.is_timeout() { "connect_timeout" } else { "connect" },
             ApiError::Upstream(format!(
                 "backend {} unreachable ({})",
                 backend.id,
                 error_kind(&e)
             )),
         )),
-        Err(_) => Err((
-            "first_byte_timeout",
-            ApiError::UpstreamTimeout("waiting for the first byte"),
+        Ok(Err(e)) => Err(Failure::MayHaveStarted(
+            "transport",
+            ApiError::Upstream(format!(
+                "backend {} failed before answering ({})",
+                backend.id,
+                error_kind(&e)
+            )),
         )),
+        Err(_) => Err(Failure::Slow(kind, ApiError::UpstreamTimeout(what))),
     }
 }
 
 /// Client headers worth passing on: not hop-by-hop, not the client's key,
 /// not framing that the new request recomputes.
 fn forwardable(name: &HeaderName) -> bool {
-    !matches!(
+    !name.as_str().starts_with("x-infergate-")
+        && !matches!(
         name.as_str(),
         "authorization"
             | "host"
@@ -339,26 +453,27 @@ fn forwardable(name: &HeaderName) -> bool {
             | "proxy-authorization"
             | "proxy-connection"
             | "accept-encoding"
-            | "x-infergate-hop"
-            | "x-infergate-backend-pin"
     )
 }
 
+/// Upstream answer headers a client sees: what describes the body and how
+/// to retry, nothing that identifies the upstream (`server`, simulator or
+/// backend-internal headers).
 fn response_header_passes(name: &HeaderName) -> bool {
-    !matches!(
+    matches!(
         name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "content-length"
-            | "trailer"
-            | "upgrade"
+        "content-type" | "cache-control" | "retry-after" | "x-accel-buffering"
     )
 }
 
-async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response<Body>, ApiError> {
-    let mut builder = Response::builder().status(resp.status());
-    let headers = builder.headers_mut().expect("fresh builder");
+/// `strip`: the usage event the client did not ask for is left out of the
+/// hash, and also of the bytes passed on when `Some(true)`.
+async fn respond(
+    resp: reqwest::Response,
+    exchange: Exchange,
+    strip: Option<bool>,
+) -> Result<Response<Body>, ApiError> {
+    let mut headers = HeaderMap::with_capacity(4);
     for (name, value) in resp.headers() {
         if response_header_passes(name) {
             headers.append(name.clone(), value.clone());
@@ -370,6 +485,7 @@ async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response
     if let Ok(v) = HeaderValue::from_str(&exchange.request_id) {
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
+    let status = resp.status();
     let timeouts = exchange.backend.timeouts;
     let max_bytes = exchange.state.table.load().limits.max_response_bytes;
     let idle = Duration::from_millis(timeouts.idle_ms);
@@ -380,10 +496,12 @@ async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let body = if is_sse {
         let first_byte = Duration::from_millis(timeouts.first_byte_ms);
-        Body::from_stream(
-            Observed::new(Box::pin(resp.bytes_stream()), first_byte, idle, exchange)
-                .with_max_bytes(max_bytes),
-        )
+        let observed = Observed::new(Box::pin(resp.bytes_stream()), first_byte, idle, exchange)
+            .with_max_bytes(max_bytes);
+        Body::from_stream(match strip {
+            Some(passed) => observed.with_usage_stripped(passed),
+            None => observed,
+        })
     } else {
         let bytes = collect(resp, idle, max_bytes, &exchange).await?;
         exchange.on_end(End {
@@ -397,7 +515,10 @@ async fn respond(resp: reqwest::Response, exchange: Exchange) -> Result<Response
         });
         Body::from(bytes)
     };
-    Ok(builder.body(body).expect("valid response parts"))
+    let mut out = Response::new(body);
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    Ok(out)
 }
 
 /// A non-streamed body, each chunk within the idle deadline, size bounded.
@@ -448,7 +569,10 @@ pub fn request_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| {
         let mut b = [0u8; 4];
-        getrandom::getrandom(&mut b).expect("OS randomness");
+        // Without OS randomness, the clock still tells processes apart.
+        if getrandom::getrandom(&mut b).is_err() {
+            b = (now_ns() as u32 ^ std::process::id()).to_le_bytes();
+        }
         u32::from_le_bytes(b)
     });
     format!("{prefix:08x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))

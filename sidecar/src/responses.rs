@@ -11,31 +11,36 @@ use axum::response::IntoResponse;
 
 use crate::api::valid_id;
 use crate::error::ApiError;
-use crate::peers;
+use sha2::{Digest, Sha256};
+
+use crate::peers::{self, PeerHop};
 use crate::AppState;
 
 pub async fn get_response(
     State(s): State<Arc<AppState>>,
+    PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response<Body>, ApiError> {
-    by_id(s, Method::GET, id, "", headers).await
+    by_id(s, Method::GET, id, "", headers, hop.is_some()).await
 }
 
 pub async fn delete_response(
     State(s): State<Arc<AppState>>,
+    PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response<Body>, ApiError> {
-    by_id(s, Method::DELETE, id, "", headers).await
+    by_id(s, Method::DELETE, id, "", headers, hop.is_some()).await
 }
 
 pub async fn cancel_response(
     State(s): State<Arc<AppState>>,
+    PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response<Body>, ApiError> {
-    by_id(s, Method::POST, id, "/cancel", headers).await
+    by_id(s, Method::POST, id, "/cancel", headers, hop.is_some()).await
 }
 
 async fn by_id(
@@ -44,6 +49,7 @@ async fn by_id(
     id: String,
     suffix: &str,
     headers: HeaderMap,
+    hop: bool,
 ) -> Result<Response<Body>, ApiError> {
     let table = s.table.load_full();
     let key = crate::auth::authenticate(&table, &headers)?;
@@ -51,13 +57,12 @@ async fn by_id(
         return Err(ApiError::invalid("Malformed response id.", Some("id")));
     }
     let not_found = || ApiError::NotFound(format!("No response with id `{id}`."));
-    let owner = s.find_owner(&id, &headers).await.ok_or_else(not_found)?;
+    let owner = s.find_owner(&id, &headers, hop).await.ok_or_else(not_found)?;
     if owner.key_id != key.id && !key.admin {
         return Err(not_found());
     }
     let backend = table.backends.get(&owner.backend).ok_or_else(not_found)?;
     let path = format!("/v1/responses/{id}{suffix}");
-    let hop = headers.contains_key(peers::HOP);
     let via = if hop {
         None
     } else {
@@ -66,7 +71,8 @@ async fn by_id(
     let mut out = HeaderMap::new();
     let url = match via {
         Some(peer) => {
-            out = peers::peer_headers(&headers, s.self_url.as_deref());
+            let empty: [u8; 32] = Sha256::digest(b"").into();
+            out = s.hops.headers(&headers, &method, &path, &empty, None);
             format!("{peer}{path}")
         }
         None => {
@@ -119,8 +125,9 @@ pub async fn from_peers(
     via: Option<&str>,
     path_and_query: &str,
     headers: &HeaderMap,
+    hop: bool,
 ) -> Option<Response<Body>> {
-    if headers.contains_key(peers::HOP) {
+    if hop {
         return None;
     }
     let table = s.table.load_full();
@@ -128,7 +135,10 @@ pub async fn from_peers(
         Some(v) => vec![v],
         None => peers::peers(&table, s.self_url.as_deref()),
     };
-    let hdrs = peers::peer_headers(headers, s.self_url.as_deref());
+    let empty: [u8; 32] = Sha256::digest(b"").into();
+    let hdrs = s
+        .hops
+        .headers(headers, &Method::GET, path_and_query, &empty, None);
     let (status, resp_headers, body) =
         peers::ask(&s.peer_client, &ask, path_and_query, &hdrs).await?;
     let mut out = (StatusCode::from_u16(status.as_u16()).ok()?, body).into_response();

@@ -4,7 +4,9 @@
 //!
 //! The hook fires *before* the frame that carries the terminal event is
 //! handed to the client, so a client that asks for the signature right after
-//! `[DONE]` always finds it.
+//! `[DONE]` always finds it; and the stream ends with that frame: anything an
+//! upstream sends after its terminal event is not passed on, so the hash
+//! covers exactly what the client received.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::{Instant, Sleep};
 
 use crate::sse::{error_frame, SseScan};
+use crate::usage_chunk::UsageStrip;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndCause {
@@ -81,6 +84,10 @@ pub struct Observed<H: OnEnd> {
     first_chunk: Option<std::time::Instant>,
     hook: Option<H>,
     state: State,
+    /// Leaves the usage event out of the hashed bytes, and out of what is
+    /// passed on when `strip_passed` (see `with_usage_stripped`).
+    strip: Option<UsageStrip>,
+    strip_passed: bool,
 }
 
 enum State {
@@ -105,7 +112,19 @@ impl<H: OnEnd> Observed<H> {
             first_chunk: None,
             hook: Some(hook),
             state: State::Streaming,
+            strip: None,
+            strip_passed: false,
         }
+    }
+
+    /// The client did not ask for the usage event the upstream was asked
+    /// for: it is not hashed, and not passed on when `passed` (a sidecar
+    /// answering a peer passes it on for the peer's accounting; the peer
+    /// removes it, so the hash here still covers what the client gets).
+    pub fn with_usage_stripped(mut self, passed: bool) -> Self {
+        self.strip = Some(UsageStrip::default());
+        self.strip_passed = passed;
+        self
     }
 
     pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
@@ -127,15 +146,47 @@ impl<H: OnEnd> Observed<H> {
         }
     }
 
-    fn pass(&mut self, chunk: &Bytes) {
-        self.bytes += chunk.len() as u64;
+    /// Counts, scans and hashes an upstream chunk; returns what to pass on
+    /// (possibly nothing yet, while the usage filter holds a partial event).
+    fn pass(&mut self, chunk: Bytes) -> Bytes {
         self.frames += 1;
-        if self.hook.is_some() {
-            self.hasher.update(chunk);
-            self.scan.feed(chunk);
-            if self.scan.done {
-                self.fire(EndCause::Completed);
+        if self.hook.is_none() {
+            self.bytes += chunk.len() as u64;
+            return chunk;
+        }
+        self.scan.feed(&chunk);
+        let (hashed, passed) = match &mut self.strip {
+            None => (chunk.clone(), chunk),
+            Some(strip) => {
+                let view = strip.filter(chunk.clone());
+                if self.strip_passed {
+                    (view.clone(), view)
+                } else {
+                    (view, chunk)
+                }
             }
+        };
+        self.bytes += passed.len() as u64;
+        self.hasher.update(&hashed);
+        if self.scan.done {
+            self.fire(EndCause::Completed);
+        }
+        passed
+    }
+
+    /// The upstream body ended: a partial event the usage filter held.
+    fn finish(&mut self) -> Bytes {
+        let Some(tail) = self.strip.as_mut().map(UsageStrip::finish) else {
+            return Bytes::new();
+        };
+        if self.hook.is_some() {
+            self.hasher.update(&tail);
+        }
+        if self.strip_passed {
+            self.bytes += tail.len() as u64;
+            tail
+        } else {
+            Bytes::new()
         }
     }
 }
@@ -156,10 +207,11 @@ impl<H: OnEnd> Stream for Observed<H> {
                     return Poll::Ready(None);
                 }
                 State::Failing(frame, cause) => {
-                    this.pass(&frame);
+                    let mut out = this.finish().to_vec();
+                    out.extend_from_slice(&this.pass(frame));
                     this.fire(cause);
                     this.state = State::Finished;
-                    return Poll::Ready(Some(Ok(frame)));
+                    return Poll::Ready(Some(Ok(out.into())));
                 }
                 State::Streaming => {}
             }
@@ -182,8 +234,14 @@ impl<H: OnEnd> Stream for Observed<H> {
                         this.first_chunk = Some(now.into_std());
                         this.timer.as_mut().reset(now + this.idle);
                     }
-                    this.pass(&chunk);
-                    return Poll::Ready(Some(Ok(chunk)));
+                    let passed = this.pass(chunk);
+                    if this.hook.is_none() {
+                        // The terminal event passed: nothing after it is.
+                        this.state = State::Finished;
+                    } else if passed.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(passed)));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let msg = format!("upstream connection failed mid-stream: {}", error_kind(&e));
@@ -193,9 +251,13 @@ impl<H: OnEnd> Stream for Observed<H> {
                     );
                 }
                 Poll::Ready(None) => {
+                    let tail = this.finish();
                     this.fire(EndCause::Completed);
                     this.state = State::Finished;
-                    return Poll::Ready(None);
+                    if tail.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(tail)));
                 }
                 Poll::Pending => {
                     ready!(this.timer.as_mut().poll(cx));

@@ -144,6 +144,7 @@ pub fn now_ns() -> u64 {
 }
 
 impl Table {
+    #[allow(clippy::expect_used, reason = "the empty config is valid by construction")]
     pub fn empty() -> Self {
         Table::build(GatewayConfig::default(), None).expect("empty config is valid")
     }
@@ -154,7 +155,7 @@ impl Table {
         let version = config.effective_version();
         let mut backends = HashMap::new();
         for b in &config.backends {
-            let timeouts = b.timeouts.unwrap_or(config.timeouts);
+            let timeouts = b.timeouts.unwrap_or_default().over(config.timeouts);
             let old = previous
                 .and_then(|p| p.backends.get(&b.id))
                 .filter(|old| old.url == b.url.trim_end_matches('/'));

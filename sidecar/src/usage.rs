@@ -22,6 +22,9 @@ pub struct UsageRecord {
     pub status: u16,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// The upstream sent no usage (a stream cut short): the token counts
+    /// are the gateway's estimate from what was sent.
+    pub usage_estimated: bool,
     pub ttft_ms: Option<f64>,
     pub duration_ms: f64,
     pub finish_reason: Option<String>,
@@ -55,6 +58,7 @@ pub const QUEUE: usize = 8192;
 
 impl UsageLog {
     /// Starts the writer task on the current runtime.
+    #[allow(clippy::expect_used, reason = "a record is strings and numbers: it always serialises")]
     pub fn start(sink: Sink) -> std::io::Result<UsageLog> {
         let (tx, mut rx) = mpsc::channel::<UsageRecord>(QUEUE);
         let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &sink {

@@ -33,19 +33,29 @@ impl Endpoint {
 #[derive(Debug, PartialEq)]
 pub struct Parsed {
     pub model: String,
-    /// Byte range of the model string's contents in the body, when it has no
-    /// escapes, so an alias can be replaced in place.
-    pub model_span: Option<Range<usize>>,
+    /// Byte range of the model value in the body, quotes and any escapes
+    /// included, so an alias is replaced without touching another byte.
+    pub model_span: Range<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// How to ask the upstream for usage when a stream did not: an insertion
+    /// or a replacement at one place in the body (chat and completions).
+    pub usage_edit: Option<Edit>,
     pub user: Option<String>,
     pub previous_response_id: Option<String>,
+}
+
+/// Replace `range` of the body with `text` (an empty range inserts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub range: Range<usize>,
+    pub text: &'static str,
 }
 
 #[derive(Deserialize)]
 struct Body<'a> {
     #[serde(borrow, default)]
-    model: Option<Str<'a>>,
+    model: Option<&'a RawValue>,
     #[serde(borrow, default)]
     messages: Option<Vec<Message<'a>>>,
     #[serde(borrow, default)]
@@ -54,8 +64,8 @@ struct Body<'a> {
     input: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -71,32 +81,15 @@ struct Message<'a> {
 }
 
 #[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: Option<bool>,
+struct StreamOptions<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    include_usage: Option<&'a RawValue>,
 }
 
-/// A string that borrows from the body when it has no escapes. (serde's own
-/// `Option<Cow<str>>` always copies, which would lose the model's position.)
-struct Str<'a>(Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Str<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Owned(v.to_owned())))
-            }
-        }
-        d.deserialize_str(Visit)
-    }
+/// `Some` whenever the member is there, `null` included (serde's own
+/// `Option` reads `null` as absent; the edit must tell them apart).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 const ROLES: &[&str] = &[
@@ -134,20 +127,25 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
         };
         ApiError::invalid(msg, None)
     })?;
-    let model = parsed
+    let model_raw = parsed
         .model
-        .ok_or_else(|| ApiError::invalid("Missing required parameter: 'model'.", Some("model")))?
-        .0;
+        .ok_or_else(|| ApiError::invalid("Missing required parameter: 'model'.", Some("model")))?;
+    let model_span = span_of(body, model_raw.get()).ok_or_else(|| {
+        ApiError::invalid("Invalid request body: 'model' not found.", Some("model"))
+    })?;
+    // Escapes (`"ll\u0061ma"`) are decoded for routing; the splice replaces
+    // the raw value whatever escapes it used.
+    let model: Cow<str> = serde_json::from_str(model_raw.get())
+        .map_err(|_| ApiError::invalid("'model' must be a string.", Some("model")))?;
     if model.is_empty() || model.len() > 256 {
         return Err(ApiError::invalid(
             "'model' must be 1 to 256 characters.",
             Some("model"),
         ));
     }
-    let model_span = match &model {
-        Cow::Borrowed(s) => span_of(body, s),
-        Cow::Owned(_) => None,
-    };
+    let stream = parsed.stream.unwrap_or(false);
+    let (include_usage, usage_edit) = usage_options(body, parsed.stream_options)?;
+    let usage_edit = usage_edit.filter(|_| stream && endpoint != Endpoint::Responses);
     match endpoint {
         Endpoint::Chat => {
             let messages = parsed.messages.ok_or_else(|| {
@@ -198,14 +196,64 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
     Ok(Parsed {
         model: model.into_owned(),
         model_span,
-        stream: parsed.stream.unwrap_or(false),
-        include_usage: parsed
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        stream,
+        include_usage,
+        usage_edit,
         user: parsed.user.map(Cow::into_owned),
-        previous_response_id: parsed.previous_response_id.map(Cow::into_owned),
+        // Only the Responses API keeps state that a later request names.
+        previous_response_id: parsed
+            .previous_response_id
+            .filter(|_| endpoint == Endpoint::Responses)
+            .map(Cow::into_owned),
     })
+}
+
+const ASK_USAGE_MEMBER: &str = "\"stream_options\":{\"include_usage\":true},";
+const ASK_USAGE_OBJECT: &str = "{\"include_usage\":true}";
+
+/// Whether the client asked for usage, and else the edit that asks for it:
+/// no `stream_options` gets a member inserted first in the body; `null`
+/// becomes an object; an object without `include_usage` gets it; `false`
+/// becomes `true`. Each keeps every other byte where it was.
+fn usage_options(
+    body: &[u8],
+    options: Option<&RawValue>,
+) -> Result<(bool, Option<Edit>), ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "'stream_options' must be an object; 'include_usage' a boolean.",
+            Some("stream_options"),
+        )
+    };
+    let Some(raw) = options else {
+        let open = body.iter().position(|&b| b == b'{').ok_or_else(bad)?;
+        let at = open + 1;
+        return Ok((false, Some(Edit { range: at..at, text: ASK_USAGE_MEMBER })));
+    };
+    let span = span_of(body, raw.get()).ok_or_else(bad)?;
+    let text = raw.get().as_bytes();
+    if text == b"null" {
+        return Ok((false, Some(Edit { range: span, text: ASK_USAGE_OBJECT })));
+    }
+    if text.first() != Some(&b'{') {
+        return Err(bad());
+    }
+    let options: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| bad())?;
+    let Some(flag) = options.include_usage else {
+        let at = span.start + 1;
+        let empty = text.iter().skip(1).all(|b| b.is_ascii_whitespace() || *b == b'}');
+        let text = if empty { "\"include_usage\":true" } else { "\"include_usage\":true," };
+        return Ok((false, Some(Edit { range: at..at, text })));
+    };
+    match flag.get() {
+        "true" => Ok((true, None)),
+        "false" | "null" => {
+            let within = (flag.get().as_ptr() as usize).wrapping_sub(raw.get().as_ptr() as usize);
+            let start = span.start + within;
+            Ok((false, Some(Edit { range: start..start + flag.get().len(), text: "true" })))
+        }
+        _ => Err(bad()),
+    }
 }
 
 fn check_message(i: usize, m: &Message) -> Result<(), ApiError> {
@@ -239,36 +287,46 @@ fn span_of(body: &[u8], s: &str) -> Option<Range<usize>> {
     (body.get(start..end)? == s.as_bytes()).then_some(start..end)
 }
 
-/// The body with the model replaced: a splice when the span is known,
-/// otherwise a full re-serialisation (only for names written with escapes).
-pub fn with_model(body: &Bytes, parsed: &Parsed, upstream_model: &str) -> Bytes {
-    if parsed.model == upstream_model {
+/// The body the upstream gets: the client's bytes with the model value
+/// replaced and, when asked, usage requested. Splices only: every other byte
+/// stays as the client wrote it (no re-serialising, whatever the escapes).
+pub fn upstream_body(body: &Bytes, parsed: &Parsed, upstream_model: &str, ask_usage: bool) -> Bytes {
+    let usage = parsed.usage_edit.as_ref().filter(|_| ask_usage);
+    let rename = parsed.model != upstream_model;
+    if usage.is_none() && !rename {
         return body.clone();
     }
-    let quoted = serde_json::to_string(upstream_model).expect("string serialises");
-    let inner = &quoted[1..quoted.len() - 1];
-    match &parsed.model_span {
-        Some(span) => {
-            let mut out = BytesMut::with_capacity(body.len() + inner.len());
-            out.extend_from_slice(&body[..span.start]);
-            out.extend_from_slice(inner.as_bytes());
-            out.extend_from_slice(&body[span.end..]);
-            out.freeze()
-        }
-        None => {
-            let mut value: serde_json::Value =
-                serde_json::from_slice(body).expect("body was validated as JSON");
-            // `validate` admits only objects; anything else passes unchanged.
-            let Some(object) = value.as_object_mut() else {
-                return body.clone();
-            };
-            object.insert(
-                "model".to_owned(),
-                serde_json::Value::String(upstream_model.to_owned()),
-            );
-            Bytes::from(serde_json::to_vec(&value).expect("value serialises"))
-        }
+    let quoted = serde_json::Value::String(upstream_model.to_owned()).to_string();
+    let mut edits: Vec<(Range<usize>, &[u8])> = Vec::with_capacity(2);
+    if rename {
+        edits.push((parsed.model_span.clone(), quoted.as_bytes()));
     }
+    if let Some(u) = usage {
+        edits.push((u.range.clone(), u.text.as_bytes()));
+    }
+    edits.sort_by_key(|(r, _)| r.start);
+    let mut out = BytesMut::with_capacity(body.len() + quoted.len() + ASK_USAGE_MEMBER.len());
+    let mut at = 0;
+    for (range, text) in edits {
+        // Spans come from this very body; one that does not fit would be a
+        // bug, and then the client's bytes go on unchanged, not a panic.
+        let Some(before) = body.get(at..range.start) else {
+            return body.clone();
+        };
+        out.extend_from_slice(before);
+        out.extend_from_slice(text);
+        at = range.end;
+    }
+    let Some(rest) = body.get(at..) else {
+        return body.clone();
+    };
+    out.extend_from_slice(rest);
+    out.freeze()
+}
+
+/// The body with only the model replaced.
+pub fn with_model(body: &Bytes, parsed: &Parsed, upstream_model: &str) -> Bytes {
+    upstream_body(body, parsed, upstream_model, false)
 }
 
 #[cfg(test)]

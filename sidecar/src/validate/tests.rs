@@ -44,7 +44,7 @@ fn rejects_bad_bodies_with_a_message_that_says_why() {
     ))
     .contains("content"));
     assert!(message_of(chat(r#"{"model":"m","messages":[{"role":"user"}]}"#)).contains("content"));
-    assert!(message_of(chat(r#"{"model":3,"messages":[]}"#)).contains("Invalid request body"));
+    assert!(message_of(chat(r#"{"model":3,"messages":[]}"#)).contains("'model' must be a string"));
     assert!(message_of(chat(
         r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#
     ))
@@ -93,15 +93,100 @@ fn alias_is_spliced_in_place_leaving_every_other_byte_alone() {
     assert_eq!(with_model(&body, &p, "alias").as_ptr(), body.as_ptr());
 }
 
+/// Found by an outside attack run: an escaped alias made the gateway
+/// re-serialise the body (keys reordered, numbers normalised, duplicate keys
+/// collapsed), and a number out of f64 range or deep nesting then panicked.
 #[test]
-fn escaped_model_names_fall_back_to_reserialising() {
-    let body = Bytes::from(r#"{"model":"al\u0069as","messages":[{"role":"user","content":"x"}]}"#);
+fn escaped_model_names_are_spliced_byte_exact_whatever_else_the_body_holds() {
+    for raw in [
+        r#"{"model":"al\u0069as","messages":[{"role":"user","content":"x"}]}"#,
+        r#"{"z":1e400,"seed":18446744073709551615,"model" :	"\u0061lias" ,"messages":[{"role":"user","content":"\ud83d\ude00 x"}],"a":{"b":[1.50,2E3]}}"#,
+        r#"{"model":"\u0061\u006c\u0069\u0061\u0073","messages":[{"role":"user","content":"x"}],"deep":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}"#,
+    ] {
+        let body = Bytes::from(raw);
+        let p = match validate(Endpoint::Chat, &body, 4) {
+            Ok(p) => p,
+            // Deeper than serde_json's limit: a clear 400, also fine.
+            Err(e) => {
+                assert!(matches!(e, ApiError::InvalidRequest { .. }), "{e:?}");
+                continue;
+            }
+        };
+        assert_eq!(p.model, "alias");
+        let out = with_model(&body, &p, "meta/llama-3");
+        let start = p.model_span.start;
+        let end = p.model_span.end;
+        let expected = [&raw.as_bytes()[..start], b"\"meta/llama-3\"", &raw.as_bytes()[end..]].concat();
+        assert_eq!(out, expected, "{raw}");
+    }
+}
+
+#[test]
+fn a_lone_surrogate_in_the_model_is_a_400() {
+    let body = br#"{"model":"ll\ud800ama","messages":[{"role":"user","content":"x"}]}"#;
+    assert!(matches!(
+        validate(Endpoint::Chat, body, 4),
+        Err(ApiError::InvalidRequest { .. })
+    ));
+}
+
+#[test]
+fn a_duplicated_model_is_a_400_not_a_guess() {
+    // The gateway and the upstream could read different ones.
+    let body = br#"{"model":"alias","messages":[{"role":"user","content":"x"}],"model":"secret"}"#;
+    assert!(message_of(validate(Endpoint::Chat, body, 4)).contains("duplicate field"));
+}
+
+fn ask_usage(raw: &str) -> String {
+    let body = Bytes::copy_from_slice(raw.as_bytes());
     let p = validate(Endpoint::Chat, &body, 4).unwrap();
-    assert_eq!(p.model, "alias");
-    assert!(p.model_span.is_none());
-    let out: serde_json::Value = serde_json::from_slice(&with_model(&body, &p, "up")).unwrap();
-    assert_eq!(out["model"], "up");
-    assert_eq!(out["messages"][0]["content"], "x");
+    String::from_utf8(upstream_body(&body, &p, "up", true).to_vec()).unwrap()
+}
+
+#[test]
+fn streams_ask_for_usage_with_one_splice() {
+    let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+    let cases = [
+        (
+            format!(r#"{{"model":"m","stream":true,{msgs}}}"#),
+            format!(r#"{{"stream_options":{{"include_usage":true}},"model":"up","stream":true,{msgs}}}"#),
+        ),
+        (
+            format!(r#"{{"model":"m","stream":true,"stream_options":null,{msgs}}}"#),
+            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#),
+        ),
+        (
+            format!(r#"{{"model":"m","stream":true,"stream_options":{{ }},{msgs}}}"#),
+            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true }},{msgs}}}"#),
+        ),
+        (
+            format!(r#"{{"model":"m","stream":true,"stream_options":{{"continuous_usage_stats":false}},{msgs}}}"#),
+            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true,"continuous_usage_stats":false}},{msgs}}}"#),
+        ),
+        (
+            format!(r#"{{"model":"m","stream":true,"stream_options":{{"include_usage": false}},{msgs}}}"#),
+            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage": true}},{msgs}}}"#),
+        ),
+        // Asked already, or not a stream: only the model changes.
+        (
+            format!(r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#),
+            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#),
+        ),
+        (
+            format!(r#"{{"model":"m",{msgs}}}"#),
+            format!(r#"{{"model":"up",{msgs}}}"#),
+        ),
+    ];
+    for (raw, want) in cases {
+        let got = ask_usage(&raw);
+        assert_eq!(got, want);
+        let again: serde_json::Value = serde_json::from_str(&got).unwrap();
+        assert_eq!(again["model"], "up");
+    }
+    let p = chat(&format!(r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":false}},{msgs}}}"#)).unwrap();
+    assert!(!p.include_usage);
+    assert!(message_of(chat(&format!(r#"{{"model":"m","stream":true,"stream_options":"yes",{msgs}}}"#))).contains("stream_options"));
+    assert!(message_of(chat(&format!(r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":1}},{msgs}}}"#))).contains("stream_options"));
 }
 
 /// Found by the fuzzer: serde's derived structs also accept the positional
