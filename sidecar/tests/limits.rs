@@ -165,7 +165,7 @@ async fn slow_and_oversized_clients_are_cut_off() {
     // Body promised, never sent: 408 once the body deadline passes.
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-length: 100\r\n\r\n{{"
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
     let mut out = vec![0u8; 4096];

@@ -48,11 +48,14 @@ async fn counters_histograms_and_usage_records_match_the_traffic() {
             .unwrap();
     }
     for _ in 0..2 {
-        post_chat(&gw, KEY, &chat_body("m", true), &[])
+        let body = post_chat(&gw, KEY, &chat_body("m", true), &[])
             .await
-            .bytes()
+            .text()
             .await
             .unwrap();
+        // Counted (the gateway asked the upstream), but not sent: this
+        // client did not ask for the usage event.
+        assert!(!body.contains("\"usage\":{"), "{body}");
     }
     for _ in 0..2 {
         post_chat(&gw, KEY, &chat_body("nope", false), &[])
@@ -100,20 +103,21 @@ async fn counters_histograms_and_usage_records_match_the_traffic() {
         value(&m, r#"infergate_stream_ends_total{reason="completed"}"#),
         9.0
     );
-    // "hello there gateway" is 3 words; 7 tokens each; 7 answers reported usage.
+    // "hello there gateway" is 3 words; 7 tokens each; all 9 answers reported
+    // usage, streams without include_usage too (the gateway always asks).
     assert_eq!(
         value(
             &m,
             r#"infergate_prompt_tokens_total{model="m",key="team-a"}"#
         ),
-        21.0
+        27.0
     );
     assert_eq!(
         value(
             &m,
             r#"infergate_completion_tokens_total{model="m",key="team-a"}"#
         ),
-        49.0
+        63.0
     );
     assert_eq!(
         value(&m, r#"infergate_in_flight_requests{backend="b0"}"#),
@@ -154,10 +158,10 @@ async fn counters_histograms_and_usage_records_match_the_traffic() {
         .iter()
         .filter(|r| !r["completion_tokens"].is_null())
         .collect();
-    assert_eq!(reported.len(), 7);
-    assert!(reported
-        .iter()
-        .all(|r| r["completion_tokens"] == 7 && r["prompt_tokens"] == 3));
+    assert_eq!(reported.len(), 9);
+    assert!(reported.iter().all(|r| r["completion_tokens"] == 7
+        && r["prompt_tokens"] == 3
+        && r["usage_estimated"] == false));
     let text = std::fs::read_to_string(&usage_path).unwrap();
     assert!(
         !text.contains("hello there"),

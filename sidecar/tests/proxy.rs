@@ -104,6 +104,7 @@ async fn auth_and_validation_failures_are_openai_errors() {
     let bad = c
         .post(&url)
         .bearer_auth(KEY)
+        .header("content-type", "application/json")
         .body("{nope")
         .send()
         .await
@@ -112,6 +113,7 @@ async fn auth_and_validation_failures_are_openai_errors() {
     let huge = c
         .post(&url)
         .bearer_auth(KEY)
+        .header("content-type", "application/json")
         .body(vec![b' '; 5 * 1024 * 1024])
         .send()
         .await
@@ -154,7 +156,7 @@ async fn served_by(gw: &Gateway, n: usize, headers: &[(&str, &str)]) -> HashMap<
     for _ in 0..n {
         let resp = post_chat(gw, KEY, &chat_body("m", false), headers).await;
         assert_eq!(resp.status(), 200);
-        let b = resp.headers()["x-sim-backend"].to_str().unwrap().to_owned();
+        let b = resp.headers()["x-infergate-backend"].to_str().unwrap().to_owned();
         resp.bytes().await.unwrap();
         *seen.entry(b).or_default() += 1;
     }
@@ -166,8 +168,8 @@ async fn round_robin_spreads_evenly_and_sticky_sessions_stay() {
     let (a, b) = (simulator("a", 1, 0).await, simulator("b", 1, 0).await);
     let gw = gateway(config(&[&a.url, &b.url], "", "")).await;
     let spread = served_by(&gw, 10, &[]).await;
-    assert_eq!(spread.get("a"), Some(&5));
-    assert_eq!(spread.get("b"), Some(&5));
+    assert_eq!(spread.get("b0"), Some(&5));
+    assert_eq!(spread.get("b1"), Some(&5));
 
     for session in ["alpha", "beta", "gamma", "delta"] {
         let seen = served_by(&gw, 6, &[("x-session-id", session)]).await;
@@ -185,7 +187,7 @@ async fn user_field_is_a_sticky_key_when_enabled() {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..5 {
             let resp = post_chat(&gw, KEY, &body, &[]).await;
-            seen.insert(resp.headers()["x-sim-backend"].to_str().unwrap().to_owned());
+            seen.insert(resp.headers()["x-infergate-backend"].to_str().unwrap().to_owned());
         }
         assert_eq!(seen.len(), 1);
     }
@@ -206,7 +208,7 @@ async fn refused_backend_is_ejected_and_requests_retry_elsewhere() {
     ))
     .await;
     let seen = served_by(&gw, 8, &[]).await;
-    assert_eq!(seen.get("good"), Some(&8));
+    assert_eq!(seen.get("b1"), Some(&8));
     let metrics = gw.metrics().await;
     // Tried once, then ejected: one connect failure only.
     assert!(
@@ -228,7 +230,7 @@ async fn server_errors_retry_on_another_backend_and_fail_cleanly_when_all_fail()
     .unwrap();
     let good = simulator("good", 1, 0).await;
     let gw = gateway(config(&[&bad.url, &good.url], "", "")).await;
-    assert_eq!(served_by(&gw, 4, &[]).await.get("good"), Some(&4));
+    assert_eq!(served_by(&gw, 4, &[]).await.get("b1"), Some(&4));
 
     let only_bad = gateway(config(&[&bad.url], "", "")).await;
     let resp = post_chat(&only_bad, KEY, &chat_body("m", true), &[]).await;
@@ -366,7 +368,8 @@ async fn admin_swaps_config_atomically_and_rejects_bad_ones() {
         .await
         .unwrap();
     assert_eq!(got["version"], new.computed_version());
-    assert_eq!(served_by(&gw, 2, &[]).await.get("b"), Some(&2));
+    assert_eq!(served_by(&gw, 2, &[]).await.get("b0"), Some(&2));
+    assert_eq!((a.sim.stats().requests, b.sim.stats().requests), (0, 2));
 }
 
 #[tokio::test]
