@@ -211,7 +211,10 @@ async fn report(
         None => {
             let mut n = [0u8; 16];
             getrandom::getrandom(&mut n).map_err(|_| {
-                ApiError::invalid("No nonce given and none could be made; send one.", Some("nonce"))
+                ApiError::invalid(
+                    "No nonce given and none could be made; send one.",
+                    Some("nonce"),
+                )
             })?;
             hex::encode(n)
         }

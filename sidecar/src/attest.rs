@@ -69,7 +69,10 @@ impl Signer {
     }
 
     /// Fresh random keys (when no key files are mounted).
-    #[allow(clippy::expect_used, reason = "startup only: without OS randomness there are no keys to serve with")]
+    #[allow(
+        clippy::expect_used,
+        reason = "startup only: without OS randomness there are no keys to serve with"
+    )]
     pub fn generate() -> Self {
         loop {
             let mut a = [0u8; 32];
@@ -101,7 +104,10 @@ impl Signer {
 
     /// `0x` + r || s || v (65 bytes, v = 27 + recovery id) over the
     /// Ethereum personal-sign digest of `text`.
-    #[allow(clippy::expect_used, reason = "the only input checked is the digest length, always 32 bytes")]
+    #[allow(
+        clippy::expect_used,
+        reason = "the only input checked is the digest length, always 32 bytes"
+    )]
     pub fn sign_ecdsa(&self, text: &str) -> String {
         let digest = personal_sign_digest(text.as_bytes());
         let (sig, recid) = self

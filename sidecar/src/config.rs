@@ -318,7 +318,10 @@ impl GatewayConfig {
     /// The version every replica and the operator agree on: SHA-256 of the
     /// canonical JSON (sorted keys, no whitespace) of the config without its
     /// `version` field.
-    #[allow(clippy::expect_used, reason = "a config is plain data: it always serialises")]
+    #[allow(
+        clippy::expect_used,
+        reason = "a config is plain data: it always serialises"
+    )]
     pub fn computed_version(&self) -> String {
         let mut copy = self.clone();
         copy.version = None;

@@ -215,7 +215,13 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .is_some_and(|t| {
             t == "application/json" || (t.starts_with("application/") && t.ends_with("+json"))
         });
@@ -414,7 +420,11 @@ async fn send(
     match answer {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) if e.is_connect() => Err(Failure::NotStarted(
-            if e.is_timeout() { "connect_timeout" } else { "connect" },
+            if e.is_timeout() {
+                "connect_timeout"
+            } else {
+                "connect"
+            },
             ApiError::Upstream(format!(
                 "backend {} unreachable ({})",
                 backend.id,
@@ -438,22 +448,22 @@ async fn send(
 fn forwardable(name: &HeaderName) -> bool {
     !name.as_str().starts_with("x-infergate-")
         && !matches!(
-        name.as_str(),
-        "authorization"
-            | "host"
-            | "content-length"
-            | "content-type"
-            | "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "expect"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "accept-encoding"
-    )
+            name.as_str(),
+            "authorization"
+                | "host"
+                | "content-length"
+                | "content-type"
+                | "connection"
+                | "keep-alive"
+                | "transfer-encoding"
+                | "te"
+                | "trailer"
+                | "upgrade"
+                | "expect"
+                | "proxy-authorization"
+                | "proxy-connection"
+                | "accept-encoding"
+        )
 }
 
 /// Upstream answer headers a client sees: what describes the body and how

@@ -57,7 +57,10 @@ async fn by_id(
         return Err(ApiError::invalid("Malformed response id.", Some("id")));
     }
     let not_found = || ApiError::NotFound(format!("No response with id `{id}`."));
-    let owner = s.find_owner(&id, &headers, hop).await.ok_or_else(not_found)?;
+    let owner = s
+        .find_owner(&id, &headers, hop)
+        .await
+        .ok_or_else(not_found)?;
     if owner.key_id != key.id && !key.admin {
         return Err(not_found());
     }

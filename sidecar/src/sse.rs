@@ -13,8 +13,10 @@ use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
 
 const MAX_CARRY: usize = 1 << 20;
-const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
+static DONE_AFTER_EVENT: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\n\ndata: [DONE]\n\n"));
 static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
 static EVENT_END_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\n\n"));
 
@@ -75,7 +77,11 @@ impl SseScan {
 
     /// One or more whole events.
     fn complete(&mut self, region: Bytes) {
-        let done = region.ends_with(DONE_EVENT);
+        // `[DONE]` ends the region, or (rarely) the upstream sent more after
+        // it in the same chunk.
+        let done = region.ends_with(DONE_EVENT)
+            || region.starts_with(DONE_EVENT)
+            || DONE_AFTER_EVENT.find(&region).is_some();
         let typed_end = !done && region.starts_with(b"event:") && ends_with_terminal(&region);
         if done {
             for earlier in std::mem::take(&mut self.recent) {

@@ -18,7 +18,7 @@ use futures_util::Stream;
 use sha2::{Digest, Sha256};
 use tokio::time::{Instant, Sleep};
 
-use crate::sse::{error_frame, SseScan};
+use crate::sse::{error_frame, SseScan, DONE_EVENT};
 use crate::usage_chunk::UsageStrip;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +166,11 @@ impl<H: OnEnd> Observed<H> {
                 }
             }
         };
+        let (hashed, passed) = if self.scan.done {
+            (through_done(hashed), through_done(passed))
+        } else {
+            (hashed, passed)
+        };
         self.bytes += passed.len() as u64;
         self.hasher.update(&hashed);
         if self.scan.done {
@@ -285,6 +290,15 @@ impl<H: OnEnd> Stream for Observed<H> {
 impl<H: OnEnd> Drop for Observed<H> {
     fn drop(&mut self) {
         self.fire(EndCause::ClientGone);
+    }
+}
+
+/// `chunk` up to the end of its `[DONE]` event, if it holds one: what an
+/// upstream sends after its terminal event is not passed on.
+fn through_done(chunk: Bytes) -> Bytes {
+    match memchr::memmem::find(&chunk, DONE_EVENT) {
+        Some(i) if i + DONE_EVENT.len() < chunk.len() => chunk.slice(..i + DONE_EVENT.len()),
+        _ => chunk,
     }
 }
 

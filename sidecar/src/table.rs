@@ -144,7 +144,10 @@ pub fn now_ns() -> u64 {
 }
 
 impl Table {
-    #[allow(clippy::expect_used, reason = "the empty config is valid by construction")]
+    #[allow(
+        clippy::expect_used,
+        reason = "the empty config is valid by construction"
+    )]
     pub fn empty() -> Self {
         Table::build(GatewayConfig::default(), None).expect("empty config is valid")
     }

@@ -58,7 +58,10 @@ pub const QUEUE: usize = 8192;
 
 impl UsageLog {
     /// Starts the writer task on the current runtime.
-    #[allow(clippy::expect_used, reason = "a record is strings and numbers: it always serialises")]
+    #[allow(
+        clippy::expect_used,
+        reason = "a record is strings and numbers: it always serialises"
+    )]
     pub fn start(sink: Sink) -> std::io::Result<UsageLog> {
         let (tx, mut rx) = mpsc::channel::<UsageRecord>(QUEUE);
         let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &sink {

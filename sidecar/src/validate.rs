@@ -228,12 +228,24 @@ fn usage_options(
     let Some(raw) = options else {
         let open = body.iter().position(|&b| b == b'{').ok_or_else(bad)?;
         let at = open + 1;
-        return Ok((false, Some(Edit { range: at..at, text: ASK_USAGE_MEMBER })));
+        return Ok((
+            false,
+            Some(Edit {
+                range: at..at,
+                text: ASK_USAGE_MEMBER,
+            }),
+        ));
     };
     let span = span_of(body, raw.get()).ok_or_else(bad)?;
     let text = raw.get().as_bytes();
     if text == b"null" {
-        return Ok((false, Some(Edit { range: span, text: ASK_USAGE_OBJECT })));
+        return Ok((
+            false,
+            Some(Edit {
+                range: span,
+                text: ASK_USAGE_OBJECT,
+            }),
+        ));
     }
     if text.first() != Some(&b'{') {
         return Err(bad());
@@ -241,16 +253,35 @@ fn usage_options(
     let options: StreamOptions = serde_json::from_str(raw.get()).map_err(|_| bad())?;
     let Some(flag) = options.include_usage else {
         let at = span.start + 1;
-        let empty = text.iter().skip(1).all(|b| b.is_ascii_whitespace() || *b == b'}');
-        let text = if empty { "\"include_usage\":true" } else { "\"include_usage\":true," };
-        return Ok((false, Some(Edit { range: at..at, text })));
+        let empty = text
+            .iter()
+            .skip(1)
+            .all(|b| b.is_ascii_whitespace() || *b == b'}');
+        let text = if empty {
+            "\"include_usage\":true"
+        } else {
+            "\"include_usage\":true,"
+        };
+        return Ok((
+            false,
+            Some(Edit {
+                range: at..at,
+                text,
+            }),
+        ));
     };
     match flag.get() {
         "true" => Ok((true, None)),
         "false" | "null" => {
             let within = (flag.get().as_ptr() as usize).wrapping_sub(raw.get().as_ptr() as usize);
             let start = span.start + within;
-            Ok((false, Some(Edit { range: start..start + flag.get().len(), text: "true" })))
+            Ok((
+                false,
+                Some(Edit {
+                    range: start..start + flag.get().len(),
+                    text: "true",
+                }),
+            ))
         }
         _ => Err(bad()),
     }
@@ -290,7 +321,12 @@ fn span_of(body: &[u8], s: &str) -> Option<Range<usize>> {
 /// The body the upstream gets: the client's bytes with the model value
 /// replaced and, when asked, usage requested. Splices only: every other byte
 /// stays as the client wrote it (no re-serialising, whatever the escapes).
-pub fn upstream_body(body: &Bytes, parsed: &Parsed, upstream_model: &str, ask_usage: bool) -> Bytes {
+pub fn upstream_body(
+    body: &Bytes,
+    parsed: &Parsed,
+    upstream_model: &str,
+    ask_usage: bool,
+) -> Bytes {
     let usage = parsed.usage_edit.as_ref().filter(|_| ask_usage);
     let rename = parsed.model != upstream_model;
     if usage.is_none() && !rename {

@@ -170,10 +170,7 @@ async fn ownership_holds_when_pinning_by_previous_response_id_is_off() {
     .await;
     let id = conversation_of_a(&p.gws[1]).await;
     for gw in &p.gws {
-        assert_eq!(
-            respond(gw, OTHER_KEY, ask(Some(&id))).await.status(),
-            404
-        );
+        assert_eq!(respond(gw, OTHER_KEY, ask(Some(&id))).await.status(), 404);
     }
 }
 

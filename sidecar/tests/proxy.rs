@@ -156,7 +156,10 @@ async fn served_by(gw: &Gateway, n: usize, headers: &[(&str, &str)]) -> HashMap<
     for _ in 0..n {
         let resp = post_chat(gw, KEY, &chat_body("m", false), headers).await;
         assert_eq!(resp.status(), 200);
-        let b = resp.headers()["x-infergate-backend"].to_str().unwrap().to_owned();
+        let b = resp.headers()["x-infergate-backend"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         resp.bytes().await.unwrap();
         *seen.entry(b).or_default() += 1;
     }
@@ -187,7 +190,12 @@ async fn user_field_is_a_sticky_key_when_enabled() {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..5 {
             let resp = post_chat(&gw, KEY, &body, &[]).await;
-            seen.insert(resp.headers()["x-infergate-backend"].to_str().unwrap().to_owned());
+            seen.insert(
+                resp.headers()["x-infergate-backend"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
         }
         assert_eq!(seen.len(), 1);
     }

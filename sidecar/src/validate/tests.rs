@@ -116,7 +116,12 @@ fn escaped_model_names_are_spliced_byte_exact_whatever_else_the_body_holds() {
         let out = with_model(&body, &p, "meta/llama-3");
         let start = p.model_span.start;
         let end = p.model_span.end;
-        let expected = [&raw.as_bytes()[..start], b"\"meta/llama-3\"", &raw.as_bytes()[end..]].concat();
+        let expected = [
+            &raw.as_bytes()[..start],
+            b"\"meta/llama-3\"",
+            &raw.as_bytes()[end..],
+        ]
+        .concat();
         assert_eq!(out, expected, "{raw}");
     }
 }
@@ -149,28 +154,46 @@ fn streams_ask_for_usage_with_one_splice() {
     let cases = [
         (
             format!(r#"{{"model":"m","stream":true,{msgs}}}"#),
-            format!(r#"{{"stream_options":{{"include_usage":true}},"model":"up","stream":true,{msgs}}}"#),
+            format!(
+                r#"{{"stream_options":{{"include_usage":true}},"model":"up","stream":true,{msgs}}}"#
+            ),
         ),
         (
             format!(r#"{{"model":"m","stream":true,"stream_options":null,{msgs}}}"#),
-            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#),
+            format!(
+                r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#
+            ),
         ),
         (
             format!(r#"{{"model":"m","stream":true,"stream_options":{{ }},{msgs}}}"#),
-            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true }},{msgs}}}"#),
+            format!(
+                r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true }},{msgs}}}"#
+            ),
         ),
         (
-            format!(r#"{{"model":"m","stream":true,"stream_options":{{"continuous_usage_stats":false}},{msgs}}}"#),
-            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true,"continuous_usage_stats":false}},{msgs}}}"#),
+            format!(
+                r#"{{"model":"m","stream":true,"stream_options":{{"continuous_usage_stats":false}},{msgs}}}"#
+            ),
+            format!(
+                r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true,"continuous_usage_stats":false}},{msgs}}}"#
+            ),
         ),
         (
-            format!(r#"{{"model":"m","stream":true,"stream_options":{{"include_usage": false}},{msgs}}}"#),
-            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage": true}},{msgs}}}"#),
+            format!(
+                r#"{{"model":"m","stream":true,"stream_options":{{"include_usage": false}},{msgs}}}"#
+            ),
+            format!(
+                r#"{{"model":"up","stream":true,"stream_options":{{"include_usage": true}},{msgs}}}"#
+            ),
         ),
         // Asked already, or not a stream: only the model changes.
         (
-            format!(r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#),
-            format!(r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#),
+            format!(
+                r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#
+            ),
+            format!(
+                r#"{{"model":"up","stream":true,"stream_options":{{"include_usage":true}},{msgs}}}"#
+            ),
         ),
         (
             format!(r#"{{"model":"m",{msgs}}}"#),
@@ -183,10 +206,19 @@ fn streams_ask_for_usage_with_one_splice() {
         let again: serde_json::Value = serde_json::from_str(&got).unwrap();
         assert_eq!(again["model"], "up");
     }
-    let p = chat(&format!(r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":false}},{msgs}}}"#)).unwrap();
+    let p = chat(&format!(
+        r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":false}},{msgs}}}"#
+    ))
+    .unwrap();
     assert!(!p.include_usage);
-    assert!(message_of(chat(&format!(r#"{{"model":"m","stream":true,"stream_options":"yes",{msgs}}}"#))).contains("stream_options"));
-    assert!(message_of(chat(&format!(r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":1}},{msgs}}}"#))).contains("stream_options"));
+    assert!(message_of(chat(&format!(
+        r#"{{"model":"m","stream":true,"stream_options":"yes",{msgs}}}"#
+    )))
+    .contains("stream_options"));
+    assert!(message_of(chat(&format!(
+        r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":1}},{msgs}}}"#
+    )))
+    .contains("stream_options"));
 }
 
 /// Found by the fuzzer: serde's derived structs also accept the positional
