@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
 use infergate_sidecar::config::{
-    self, ApiKey, Backend, GatewayConfig, ModelRoute as RouteConfig, Sticky, Target, TimeoutOverrides, Timeouts,
+    self, ApiKey, Backend, GatewayConfig, ModelRoute as RouteConfig, Sticky, Target,
+    TimeoutOverrides, Timeouts,
 };
 
 /// (namespace, name)
