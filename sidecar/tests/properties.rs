@@ -9,7 +9,7 @@ use infergate_sidecar::balance::{pick, Tried};
 use infergate_sidecar::config::GatewayConfig;
 use infergate_sidecar::sse::SseScan;
 use infergate_sidecar::table::{now_ms, Table};
-use infergate_sidecar::validate::{validate, Endpoint};
+use infergate_sidecar::validate::{validate, with_model, Endpoint};
 use proptest::prelude::*;
 
 fn table(weights: &[u32], strategy: &str, max_in_flight: u32) -> Table {
@@ -112,6 +112,36 @@ proptest! {
         }
     }
 
+    /// For any valid body, whatever escapes spell the model and whatever
+    /// surrounds it, the rewrite changes the model value's bytes and no other.
+    #[test]
+    fn rewrite_changes_nothing_but_the_model(
+        members in prop::collection::vec((json_key(), json_value()), 0..6),
+        position in 0usize..7,
+        spelling in prop::collection::vec(any::<bool>(), 5),
+        space in "[ \t\n]{0,2}",
+    ) {
+        // "alias", each letter plain or as a \u escape.
+        let model: String = "alias".chars().zip(spelling)
+            .map(|(c, esc)| if esc { format!("\\u{:04x}", c as u32) } else { c.to_string() })
+            .collect();
+        let mut parts: Vec<String> = members.iter().map(|(k, v)| format!("{k}:{space}{v}")).collect();
+        parts.insert(position.min(parts.len()), format!("\"model\"{space}:{space}\"{model}\""));
+        parts.push("\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]".to_owned());
+        let raw = format!("{{{space}{}{space}}}", parts.join(","));
+        let Ok(parsed) = validate(Endpoint::Chat, raw.as_bytes(), 8) else {
+            // Only a member that duplicates one the gateway reads is refused.
+            prop_assert!(members.iter().any(|(k, _)| ["\"messages\"", "\"model\"", "\"stream\""].contains(&k.as_str())));
+            return Ok(());
+        };
+        prop_assert_eq!(&parsed.model, "alias");
+        let out = with_model(&Bytes::from(raw.clone()), &parsed, "org/up");
+        let span = parsed.model_span.clone();
+        prop_assert_eq!(&raw[span.clone()], format!("\"{model}\""));
+        let want = format!("{}\"org/up\"{}", &raw[..span.start], &raw[span.end..]);
+        prop_assert_eq!(std::str::from_utf8(&out).unwrap(), want);
+    }
+
     /// The SSE scan finds the same id, usage and end however the bytes are cut.
     #[test]
     fn sse_scan_is_independent_of_chunking(cuts in prop::collection::btree_set(1usize..900, 0..40)) {
@@ -142,4 +172,30 @@ proptest! {
             scan.feed(&Bytes::from(c));
         }
     }
+}
+
+/// Member names, including ones the gateway reads and odd spellings.
+fn json_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("\"seed\"".to_owned()),
+        Just("\"stream\"".to_owned()),
+        Just("\"x\"".to_owned()),
+        Just("\"mod\\u0065l_hint\"".to_owned()),
+        "[a-z_]{1,8}".prop_map(|k| format!("\"{k}\"")),
+    ]
+}
+
+/// Values whose bytes a re-serialiser would change.
+fn json_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("1e400".to_owned()),
+        Just("18446744073709551615".to_owned()),
+        Just("1.50".to_owned()),
+        Just("-0".to_owned()),
+        Just("\"\\ud83d\\ude00\"".to_owned()),
+        Just("[[[[[]]]]]".to_owned()),
+        Just("{\"a\" : {\"b\":null}}".to_owned()),
+        Just("true".to_owned()),
+        "[a-z ]{0,10}".prop_map(|v| format!("\"{v}\"")),
+    ]
 }

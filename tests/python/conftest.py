@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("INFERGATE_BIN_DIR", ROOT / "target" / "debug"))
 KEY = "ig-python-test-key-0001"
+OTHER_KEY = "ig-python-test-key-0002"
+PEER_SECRET = "python-peer-secret"
 ADMIN_TOKEN = "python-admin-token"
 UPSTREAM = "org/model-7b"
 
@@ -56,7 +58,9 @@ def start_sim(sim_id, tokens=8, delay_ms=0):
 
 def gateway_config(backend_urls, sidecars=None):
     key_hash = hashlib.sha256(KEY.encode()).hexdigest()
-    lines = ["keys:", f'  - {{ id: py, sha256: "{key_hash}" }}', "backends:"]
+    other_hash = hashlib.sha256(OTHER_KEY.encode()).hexdigest()
+    lines = ["keys:", f'  - {{ id: py, sha256: "{key_hash}" }}',
+             f'  - {{ id: py-other, sha256: "{other_hash}" }}', "backends:"]
     for i, url in enumerate(backend_urls):
         extra = f", sidecar: \"{sidecars[i]}\"" if sidecars and sidecars[i] else ""
         lines.append(f'  - {{ id: b{i}, url: "{url}"{extra} }}')
@@ -71,10 +75,12 @@ def start_sidecar(config_text, extra_args=(), listen="127.0.0.1:0"):
     d = Path(tempfile.mkdtemp(prefix="infergate-py-"))
     (d / "config.yaml").write_text(config_text)
     (d / "admin-token").write_text(ADMIN_TOKEN)
+    (d / "peer-secret").write_text(PEER_SECRET)
     p = Proc(
         [str(BIN / "infergate-sidecar"), "--config", str(d / "config.yaml"),
          "--listen", listen, "--admin-listen", "127.0.0.1:0",
-         "--admin-token-file", str(d / "admin-token"), *extra_args],
+         "--admin-token-file", str(d / "admin-token"),
+         "--peer-secret-file", str(d / "peer-secret"), *extra_args],
         r"public=(http://\S+) admin=(http://\S+)",
     )
     p.url, p.admin_url = p.match.group(1), p.match.group(2)

@@ -9,7 +9,7 @@ import httpx2 as httpx  # the HTTP library the openai SDK itself uses
 import pytest
 from openai import OpenAI
 
-from conftest import KEY, gateway_config, start_sidecar, start_sim
+from conftest import KEY, OTHER_KEY, gateway_config, start_sidecar, start_sim
 from test_attestation import Recording, verify_ecdsa, verify_ed25519
 
 
@@ -34,9 +34,33 @@ def two():
         p.stop()
 
 
-def client_for(sidecar, transport=None):
+def client_for(sidecar, transport=None, key=KEY):
     http = httpx.Client(transport=transport) if transport else None
-    return OpenAI(base_url=sidecar.url + "/v1", api_key=KEY, max_retries=0, http_client=http)
+    return OpenAI(base_url=sidecar.url + "/v1", api_key=key, max_retries=0, http_client=http)
+
+
+def test_another_key_cannot_continue_a_conversation_from_any_sidecar(two):
+    import openai
+
+    sims, (a, b) = two
+    first = client_for(a).responses.create(model="m", input="my secret plans")
+    def upstream_requests():
+        return [httpx.get(s.url + "/sim/stats").json()["requests"] for s in sims]
+
+    before = upstream_requests()
+    for via in (a, b):
+        with pytest.raises(openai.NotFoundError) as stolen:
+            client_for(via, key=OTHER_KEY).responses.create(
+                model="m", input="what did I say?", previous_response_id=first.id)
+        with pytest.raises(openai.NotFoundError) as unknown:
+            client_for(via, key=OTHER_KEY).responses.create(
+                model="m", input="what did I say?", previous_response_id="resp_unknown")
+        assert stolen.value.body["message"] == unknown.value.body["message"].replace(
+            "resp_unknown", first.id)
+    assert upstream_requests() == before, "no upstream saw the stolen conversation"
+    # The owner still continues it.
+    assert client_for(b).responses.create(
+        model="m", input="go on", previous_response_id=first.id).previous_response_id == first.id
 
 
 def test_follow_ups_reach_the_owner_from_any_sidecar(two):
