@@ -63,6 +63,9 @@ pub struct AppState {
     /// This sidecar's public URL as other sidecars reach it; backends whose
     /// `sidecar` is this URL are local.
     pub self_url: Option<String>,
+    /// Every URL that names this sidecar (`self_url` and its listener's):
+    /// a backend behind one of them is served here, never forwarded.
+    own_urls: ArcSwap<Vec<String>>,
     /// For talking to peer sidecars (signature and owner look-ups).
     pub peer_client: reqwest::Client,
     /// Signs the hops this sidecar makes, checks the ones it receives.
@@ -141,6 +144,13 @@ impl AppState {
                 options.records_capacity.unwrap_or(100_000),
                 options.records_ttl.unwrap_or(Duration::from_secs(3600)),
             ),
+            own_urls: ArcSwap::from_pointee(
+                options
+                    .self_url
+                    .iter()
+                    .map(|u| u.trim_end_matches('/').to_owned())
+                    .collect(),
+            ),
             self_url: options.self_url.map(|u| u.trim_end_matches('/').to_owned()),
             peer_client: table::upstream_client(2_000)
                 .map_err(|e| ConfigError::Invalid(format!("HTTP client: {e}")))?,
@@ -171,6 +181,7 @@ impl AppState {
         match Table::build(config, Some(&current)) {
             Ok(table) => {
                 let version = table.version.clone();
+                self.warn_if_peers_without_secret(&table);
                 self.install(table);
                 self.count_swap("applied");
                 tracing::info!(%version, "config installed");
@@ -204,6 +215,29 @@ impl AppState {
             .config_swaps
             .get_or_create(&ReasonLabels { reason: result })
             .inc();
+    }
+
+    /// The public listener is bound: the URLs that name it are this
+    /// sidecar's own (so a config that names it is not forwarded to itself).
+    pub fn listening_on(&self, addr: std::net::SocketAddr) {
+        let mut own: Vec<String> = self.self_url.iter().cloned().collect();
+        own.extend(peers::own_urls(addr));
+        self.own_urls.store(Arc::new(own));
+        self.warn_if_peers_without_secret(&self.table.load());
+    }
+
+    /// URLs naming this sidecar.
+    pub fn own_urls(&self) -> arc_swap::Guard<Arc<Vec<String>>> {
+        self.own_urls.load()
+    }
+
+    fn warn_if_peers_without_secret(&self, table: &Table) {
+        if !self.hops.enabled() && !peers::peers(table, &self.own_urls.load()).is_empty() {
+            tracing::warn!(
+                "the config names other sidecars but no peer secret is set \
+                 (--peer-secret-file): their backends are unavailable from here"
+            );
+        }
     }
 
     pub fn current_version(&self) -> String {
@@ -263,11 +297,12 @@ impl AppState {
         if let Some(o) = self.owners.get(id) {
             return Some(o);
         }
-        if hop {
+        if hop || !self.hops.enabled() {
             return None;
         }
         let table = self.table.load_full();
-        let peer_list = peers::peers(&table, self.self_url.as_deref());
+        let own = self.own_urls();
+        let peer_list = peers::peers(&table, &own);
         let path = format!("/v1/internal/owner/{id}");
         let empty: [u8; 32] = Sha256::digest(b"").into();
         let hdrs = self

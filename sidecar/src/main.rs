@@ -215,6 +215,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     let public = bind(listen).await?;
     let admin = bind(admin_listen).await?;
+    state.listening_on(public.local_addr()?);
     println!(
         "infergate-sidecar listening public=http://{} admin=http://{} version={}",
         public.local_addr()?,

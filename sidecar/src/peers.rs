@@ -238,23 +238,40 @@ impl Owners {
     }
 }
 
-/// The sidecar URL to forward to for `backend_sidecar`, or None if local.
-pub fn remote<'a>(backend_sidecar: Option<&'a str>, self_url: Option<&str>) -> Option<&'a str> {
-    match (backend_sidecar, self_url) {
-        (Some(s), Some(me)) if s == me => None,
-        (Some(s), _) => Some(s),
-        (None, _) => None,
-    }
+/// The sidecar URL to forward to for `backend_sidecar`, or None if it is
+/// this sidecar (any of the URLs it answers on: see [`own_urls`]).
+pub fn remote<'a>(backend_sidecar: Option<&'a str>, own: &[String]) -> Option<&'a str> {
+    backend_sidecar.filter(|s| !own.iter().any(|o| o == s))
 }
 
 /// Every other sidecar named in the table.
-pub fn peers<'a>(table: &'a Table, self_url: Option<&'a str>) -> Vec<&'a str> {
+pub fn peers<'a>(table: &'a Table, own: &[String]) -> Vec<&'a str> {
     let mut out: Vec<&str> = table
         .backends
         .values()
-        .filter_map(|b| remote(b.sidecar.as_deref(), self_url))
+        .filter_map(|b| remote(b.sidecar.as_deref(), own))
         .collect();
     out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The URLs a config may use to name this sidecar's public listener: its
+/// address, and the loopback names when it listens on loopback or on every
+/// address. (Its pod IP is `--self-url`.) A backend behind one of these is
+/// served here, never forwarded to this very sidecar.
+pub fn own_urls(addr: std::net::SocketAddr) -> Vec<String> {
+    let port = addr.port();
+    let ip = addr.ip();
+    let mut out = vec![match ip {
+        std::net::IpAddr::V6(v6) => format!("http://[{v6}]:{port}"),
+        v4 => format!("http://{v4}:{port}"),
+    }];
+    if ip.is_unspecified() || ip.is_loopback() {
+        for host in ["127.0.0.1", "localhost", "[::1]"] {
+            out.push(format!("http://{host}:{port}"));
+        }
+    }
     out.dedup();
     out
 }
@@ -295,12 +312,26 @@ mod tests {
 
     #[test]
     fn a_backend_is_remote_only_when_its_sidecar_is_another() {
-        assert_eq!(remote(None, Some("http://me")), None);
-        assert_eq!(remote(Some("http://me"), Some("http://me")), None);
-        assert_eq!(
-            remote(Some("http://you"), Some("http://me")),
-            Some("http://you")
-        );
-        assert_eq!(remote(Some("http://you"), None), Some("http://you"));
+        let me = vec!["http://me".to_owned()];
+        assert_eq!(remote(None, &me), None);
+        assert_eq!(remote(Some("http://me"), &me), None);
+        assert_eq!(remote(Some("http://you"), &me), Some("http://you"));
+        assert_eq!(remote(Some("http://you"), &[]), Some("http://you"));
+    }
+
+    #[test]
+    fn a_sidecar_knows_the_urls_of_its_own_listener() {
+        let all = own_urls("0.0.0.0:8080".parse().unwrap());
+        for u in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+        ] {
+            assert!(all.contains(&u.to_owned()), "{u}");
+        }
+        let one = own_urls("10.1.2.3:8080".parse().unwrap());
+        assert_eq!(one, vec!["http://10.1.2.3:8080".to_owned()]);
+        assert!(!own_urls("127.0.0.1:8081".parse().unwrap())
+            .contains(&"http://127.0.0.1:8080".to_owned()));
     }
 }

@@ -106,8 +106,14 @@ pub async fn forward(
             let via = if hop.is_some() {
                 None
             } else {
-                peers::remote(target.backend.sidecar.as_deref(), state.self_url.as_deref())
+                peers::remote(target.backend.sidecar.as_deref(), &state.own_urls())
             };
+            if via.is_some() && !state.hops.enabled() {
+                // Without the peer secret the peer would take the request
+                // for a client's and forward it again.
+                last_error = Some(ApiError::NoBackend(route.name.clone()));
+                continue;
+            }
             let (upstream_body, hop_headers) = match via {
                 // The peer gets the client's bytes; it resolves the alias
                 // and asks for usage itself.

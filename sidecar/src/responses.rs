@@ -69,8 +69,11 @@ async fn by_id(
     let via = if hop {
         None
     } else {
-        peers::remote(backend.sidecar.as_deref(), s.self_url.as_deref())
+        peers::remote(backend.sidecar.as_deref(), &s.own_urls())
     };
+    if via.is_some() && !s.hops.enabled() {
+        return Err(not_found());
+    }
     let mut out = HeaderMap::new();
     let url = match via {
         Some(peer) => {
@@ -130,13 +133,16 @@ pub async fn from_peers(
     headers: &HeaderMap,
     hop: bool,
 ) -> Option<Response<Body>> {
-    if hop {
+    // Without the peer secret peers would take this for a client's request
+    // and ask on, back and forth.
+    if hop || !s.hops.enabled() {
         return None;
     }
     let table = s.table.load_full();
+    let own = s.own_urls();
     let ask: Vec<&str> = match via {
         Some(v) => vec![v],
-        None => peers::peers(&table, s.self_url.as_deref()),
+        None => peers::peers(&table, &own),
     };
     let empty: [u8; 32] = Sha256::digest(b"").into();
     let hdrs = s

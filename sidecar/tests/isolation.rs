@@ -363,3 +363,69 @@ async fn a_peer_with_another_secret_is_refused_not_trusted() {
 fn now_ms() -> u64 {
     infergate_sidecar::usage::now_unix_ms()
 }
+
+/// "Configuration at a glance" names the sidecar's own address as the
+/// backend's `sidecar`; without `--self-url` every request used to pass the
+/// gateway twice (two metrics, two quota charges, no signature).
+#[tokio::test]
+async fn a_sidecar_never_forwards_to_itself() {
+    let sim = simulator("s0", 3, 0).await;
+    for secret in [None, Some(SECRET)] {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}");
+        let cfg = GatewayConfig::from_yaml(&format!(
+            r#"
+keys: [{{ id: key-a, sha256: "{}", limits: {{ requestsPerMinute: 3 }} }}]
+backends: [{{ id: b0, url: "{}", sidecar: "http://localhost:{port}" }}]
+models: [{{ name: m, targets: [{{ backend: b0, upstreamModel: {UPSTREAM_MODEL} }}] }}]
+"#,
+            hash_key(KEY),
+            sim.url
+        ))
+        .unwrap();
+        let state = AppState::new(
+            Some(cfg),
+            Options {
+                peer_secret: secret.map(<[u8]>::to_vec),
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        state.listening_on(listener.local_addr().unwrap());
+        tokio::spawn(infergate_sidecar::serve::serve(
+            listener,
+            app(state.clone()),
+            Default::default(),
+            std::future::pending(),
+        ));
+        let gw = Gateway {
+            url,
+            admin_url: format!("http://{}", serve(admin_app(state.clone())).await),
+            state,
+        };
+        let before = sim.sim.stats().requests;
+        let mut id = String::new();
+        for _ in 0..3 {
+            let resp = post_chat(&gw, KEY, &chat_body("m", false), &[]).await;
+            assert_eq!(resp.status(), 200, "a 3-per-minute key gets its 3");
+            id = resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+        }
+        assert_eq!(sim.sim.stats().requests - before, 3);
+        let metrics = gw.metrics().await;
+        assert!(
+            metrics.contains(r#"infergate_requests_total{model="m",backend="b0",status="2xx"} 3"#),
+            "{metrics}"
+        );
+        let sig = client()
+            .get(format!("{}/v1/signature/{id}", gw.url))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sig.status(), 200);
+    }
+}

@@ -79,6 +79,7 @@ pub async fn gateway_with(config: GatewayConfig, options: Options) -> Gateway {
     };
     let state = AppState::new(Some(config), options).unwrap();
     let public = serve(app(state.clone())).await;
+    state.listening_on(public);
     let admin = serve(admin_app(state.clone())).await;
     Gateway {
         url: format!("http://{public}"),
