@@ -23,10 +23,18 @@ use crate::validate::Endpoint;
 use crate::AppState;
 
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/responses", post(responses))
+    let mut router = Router::new();
+    for endpoint in Endpoint::ALL {
+        router = router.route(
+            endpoint.path(),
+            post(
+                move |State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body| {
+                    forward(s, endpoint, headers, body)
+                },
+            ),
+        );
+    }
+    router
         .route("/v1/models", get(models))
         .route("/v1/signature/{id}", get(signature))
         .route("/v1/internal/owner/{id}", get(owner))
@@ -42,18 +50,6 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-}
-
-async fn chat(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    forward(s, Endpoint::Chat, headers, body).await
-}
-
-async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    forward(s, Endpoint::Completions, headers, body).await
-}
-
-async fn responses(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    forward(s, Endpoint::Responses, headers, body).await
 }
 
 /// One span per request, named by its id (never by its content).

@@ -11,21 +11,60 @@ use serde_json::value::RawValue;
 
 use crate::error::ApiError;
 
-/// Which OpenAI endpoint a body is for: each has its own required fields.
+/// Which endpoint a body is for. The generation endpoints have required
+/// fields the gateway checks; the others (embeddings, tokenizer, scoring)
+/// need a `model` to be routed and pass on the rest for vLLM to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Chat,
     Completions,
     Responses,
+    Embeddings,
+    Tokenize,
+    Detokenize,
+    Score,
+    Rerank,
+    Pooling,
+    Classify,
 }
 
 impl Endpoint {
+    /// Every endpoint, for the router.
+    pub const ALL: [Endpoint; 10] = [
+        Endpoint::Chat,
+        Endpoint::Completions,
+        Endpoint::Responses,
+        Endpoint::Embeddings,
+        Endpoint::Tokenize,
+        Endpoint::Detokenize,
+        Endpoint::Score,
+        Endpoint::Rerank,
+        Endpoint::Pooling,
+        Endpoint::Classify,
+    ];
+
+    /// The path, the same at the gateway and at vLLM.
     pub fn path(self) -> &'static str {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
             Endpoint::Responses => "/v1/responses",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Tokenize => "/tokenize",
+            Endpoint::Detokenize => "/detokenize",
+            Endpoint::Score => "/v1/score",
+            Endpoint::Rerank => "/v1/rerank",
+            Endpoint::Pooling => "/pooling",
+            Endpoint::Classify => "/classify",
         }
+    }
+
+    /// Generates text (and may stream); the others answer once.
+    pub fn generates(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+        )
     }
 }
 
@@ -145,7 +184,8 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
     }
     let stream = parsed.stream.unwrap_or(false);
     let (include_usage, usage_edit) = usage_options(body, parsed.stream_options)?;
-    let usage_edit = usage_edit.filter(|_| stream && endpoint != Endpoint::Responses);
+    let usage_edit =
+        usage_edit.filter(|_| stream && matches!(endpoint, Endpoint::Chat | Endpoint::Completions));
     match endpoint {
         Endpoint::Chat => {
             let messages = parsed.messages.ok_or_else(|| {
@@ -192,6 +232,8 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
                 ));
             }
         }
+        // vLLM checks the rest of these bodies itself.
+        _ => {}
     }
     Ok(Parsed {
         model: model.into_owned(),

@@ -23,15 +23,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Scripted {
     url: String,
     bodies: Arc<Mutex<Vec<Bytes>>>,
+    paths: Arc<Mutex<Vec<String>>>,
 }
 
 async fn scripted(content_type: &'static str, answer: &'static [u8]) -> Scripted {
     let bodies = Arc::new(Mutex::new(Vec::new()));
-    let seen = bodies.clone();
-    let router = Router::new().fallback(move |body: Bytes| {
-        let seen = seen.clone();
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let (seen, seen_paths) = (bodies.clone(), paths.clone());
+    let router = Router::new().fallback(move |uri: axum::http::Uri, body: Bytes| {
+        let (seen, seen_paths) = (seen.clone(), seen_paths.clone());
         async move {
             seen.lock().unwrap().push(body);
+            seen_paths.lock().unwrap().push(uri.path().to_owned());
             (
                 [
                     ("content-type", content_type),
@@ -46,6 +49,7 @@ async fn scripted(content_type: &'static str, answer: &'static [u8]) -> Scripted
     Scripted {
         url: format!("http://{addr}"),
         bodies,
+        paths,
     }
 }
 
@@ -364,4 +368,71 @@ async fn malformed_authorization_and_content_types_are_refused() {
         format!("authorization: Bearer {KEY}\r\ncontent-type: Application/JSON; charset=utf-8\r\n");
     assert_eq!(raw_status(&gw, &charset).await, "200");
     assert_eq!(sim.sim.stats().requests, 2);
+}
+
+#[tokio::test]
+async fn vllm_endpoints_beyond_generation_pass_with_auth_models_and_rewrite() {
+    let up = scripted(
+        "application/json",
+        br#"{"id":"embd-1","object":"list","data":[],"usage":{"prompt_tokens":3,"total_tokens":3}}"#,
+    )
+    .await;
+    let gw = gateway(config(&[&up.url], "", "")).await;
+    let bodies = [
+        (
+            "/v1/embeddings",
+            r#"{"model":"alias","input":["a","b"],"encoding_format":"float"}"#,
+        ),
+        ("/tokenize", r#"{"model":"alias","prompt":"hello"}"#),
+        ("/detokenize", r#"{"model":"alias","tokens":[1,2,3]}"#),
+        (
+            "/v1/score",
+            r#"{"model":"alias","text_1":"a","text_2":["b","c"]}"#,
+        ),
+        (
+            "/v1/rerank",
+            r#"{"model":"alias","query":"q","documents":["x","y"]}"#,
+        ),
+        ("/pooling", r#"{"model":"alias","input":"x"}"#),
+        ("/classify", r#"{"model":"alias","input":["x"]}"#),
+    ];
+    for (path, body) in bodies {
+        let resp = post_raw(&gw, path, KEY, body.as_bytes()).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        // The other key may not use this model; no key is no answer.
+        let other = post_raw(&gw, path, OTHER_KEY, body.as_bytes()).await;
+        assert_eq!(other.status(), 403, "{path}");
+        let anonymous = client()
+            .post(format!("{}{path}", gw.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(anonymous.status(), 401, "{path}");
+        let missing = post_raw(&gw, path, KEY, br#"{"input":"x"}"#).await;
+        assert_eq!(missing.status(), 400, "{path}");
+    }
+    let paths = up.paths.lock().unwrap().clone();
+    assert_eq!(paths, bodies.map(|(p, _)| p.to_owned()).to_vec());
+    let sent = up.bodies.lock().unwrap().clone();
+    for ((_, body), got) in bodies.iter().zip(sent) {
+        assert_eq!(
+            got,
+            Bytes::from(body.replace("\"alias\"", &format!("\"{UPSTREAM_MODEL}\"")))
+        );
+    }
+    // Usage is counted and the answer is signed like any other.
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"infergate_prompt_tokens_total{model="m",key="team-a"} 21"#),
+        "{metrics}"
+    );
+    let sig = client()
+        .get(format!("{}/v1/signature/embd-1", gw.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sig.status(), 200);
 }
