@@ -92,7 +92,27 @@ pub fn for_route(outcome: &RouteOutcome, programmed: usize, sidecars: usize) -> 
             message: why.clone(),
         },
     };
-    let refs = if outcome.missing.is_empty() {
+    let refs = if !outcome.missing.is_empty() {
+        Desired {
+            kind: "ResolvedRefs",
+            ok: false,
+            reason: "ProviderNotFound",
+            message: format!(
+                "InferenceProvider(s) not found: {}",
+                outcome.missing.join(", ")
+            ),
+        }
+    } else if !outcome.unserved.is_empty() {
+        Desired {
+            kind: "ResolvedRefs",
+            ok: false,
+            reason: "ModelNotServed",
+            message: format!(
+                "not in the InferenceProvider's models: {}",
+                outcome.unserved.join(", ")
+            ),
+        }
+    } else {
         Desired {
             kind: "ResolvedRefs",
             ok: outcome.resolved_backends > 0,
@@ -102,16 +122,6 @@ pub fn for_route(outcome: &RouteOutcome, programmed: usize, sidecars: usize) -> 
                 "NoReadyBackends"
             },
             message: format!("{} backend(s) resolved", outcome.resolved_backends),
-        }
-    } else {
-        Desired {
-            kind: "ResolvedRefs",
-            ok: false,
-            reason: "ProviderNotFound",
-            message: format!(
-                "InferenceProvider(s) not found: {}",
-                outcome.missing.join(", ")
-            ),
         }
     };
     let programmed_ok = outcome.rejected.is_none()
@@ -143,6 +153,7 @@ mod tests {
         RouteOutcome {
             rejected: None,
             missing: missing.iter().map(|s| s.to_string()).collect(),
+            unserved: Vec::new(),
             resolved_backends: resolved,
         }
     }
