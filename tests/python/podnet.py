@@ -65,8 +65,10 @@ class PodNet:
         return ["ip", "netns", "exec", self.namespaces[i], *args]
 
     def down(self):
-        # Deleting a namespace deletes its end of the veth pair, and so both.
-        for ns in self.namespaces:
+        # Deleting one end of a veth pair deletes both; a namespace's own
+        # teardown is asynchronous, so the host ends go first, explicitly.
+        for i, ns in enumerate(self.namespaces):
+            ip("link", "del", f"{self.prefix}v{i}", check=False)
             ip("netns", "del", ns, check=False)
         ip("link", "del", self.bridge, check=False)
         self.namespaces = []

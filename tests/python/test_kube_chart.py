@@ -104,15 +104,15 @@ def installed(kube):
 
 
 def config_map(kube):
-    return kube.json("get", "configmap", "infergate-config", "-n", kube.ns)
+    return kube.json("get", "configmap", "infergate-config", "-n", kube.ns, "--show-managed-fields")
 
 
 def test_operator_writes_its_config_under_the_charts_rbac_and_helm_upgrade_still_works(installed):
     kube = installed
     kube.kubectl("apply", "--server-side", "-n", kube.ns, "-f", str(ROOT / "examples" / "api-key.yaml"),
                  "-f", str(ROOT / "examples" / "provider.yaml"), "-f", str(ROOT / "examples" / "route.yaml"))
-    cm = until("the operator's config in the chart's ConfigMap",
-               lambda: (c := config_map(kube)).get("data", {}).get("config.json") and c)
+    cm = until("the operator's config (with the key) in the chart's ConfigMap",
+               lambda: '"team-a"' in (c := config_map(kube)).get("data", {}).get("config.json", "") and c)
     config = json.loads(cm["data"]["config.json"])
     assert config["keys"][0]["id"] == "team-a"
     # Field ownership: Helm keeps the labels, the operator owns only its
@@ -137,10 +137,11 @@ def test_operator_writes_its_config_under_the_charts_rbac_and_helm_upgrade_still
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--resync-seconds=20" in args, args
     # And the operator keeps writing after Helm's apply.
-    kube.kubectl("patch", "modelroute", "llama", "-n", kube.ns, "--type=merge",
-                 "-p", json.dumps({"spec": {"aliases": ["llama", "after-upgrade"]}}))
+    kube.kubectl("create", "secret", "generic", "after-upgrade", "-n", kube.ns,
+                 "--from-literal=key=ig-after-upgrade-0123456789")
+    kube.kubectl("label", "secret", "after-upgrade", "-n", kube.ns, "infergate.dev/api-key=true")
     until("the operator's write after the upgrade",
-          lambda: "after-upgrade" in config_map(kube)["data"]["config.json"])
+          lambda: '"after-upgrade"' in config_map(kube)["data"]["config.json"])
     second = kube.helm("upgrade", RELEASE, str(CHART), "-n", kube.ns,
                        "--set", f"operator.watchNamespaces={{{kube.ns}}}")
     assert second.returncode == 0
@@ -149,13 +150,14 @@ def test_operator_writes_its_config_under_the_charts_rbac_and_helm_upgrade_still
 def test_the_server_enforces_the_charts_rbac(installed):
     kube = installed
     allowed = [
-        ["get", "configmap", "infergate-config", "-n", kube.ns],
+        ["get", "configmap/infergate-config", "-n", kube.ns],
+        ["patch", "configmap/infergate-config", "-n", kube.ns],
         ["list", "secrets", "-n", kube.ns],
         ["patch", "modelroutes", "--subresource=status", "-n", kube.ns],
     ]
     forbidden = [
-        ["get", "configmap", "other", "-n", kube.ns],       # only its own ConfigMap
-        ["delete", "configmap", "infergate-config", "-n", kube.ns],
+        ["get", "configmap/other", "-n", kube.ns],          # only its own ConfigMap
+        ["delete", "configmap/infergate-config", "-n", kube.ns],
         ["get", "secrets", "-n", kube.ns],                  # list/watch keys, never get one by name
         ["list", "secrets", "-n", "default"],               # outside the watched namespace
         ["patch", "modelroutes", "-n", kube.ns],            # status only, never the spec
@@ -236,8 +238,9 @@ def test_helm_uninstall_leaves_nothing_behind_but_what_is_kept_by_design(install
     # reinstall keeps the token the sidecars hold), the operator's Lease
     # (the operator's, not the chart's) and the key the platform team
     # applied (like its InferenceProvider and ModelRoute, not listed here).
-    assert names == [
-        "Lease/infergate-operator", f"Secret/{RELEASE}-infergate-admin-token", "Secret/team-a",
-    ], names
+    assert names == sorted([
+        "Lease/infergate-operator", f"Secret/{RELEASE}-infergate-admin-token",
+        "Secret/after-upgrade", "Secret/team-a",
+    ]), names
     # CRDs are never removed by helm (that would delete every user object).
     kube.kubectl("get", "crd", "modelroutes.infergate.dev")
