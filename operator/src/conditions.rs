@@ -54,14 +54,14 @@ pub fn merge(
     (next, changed)
 }
 
-pub fn for_provider(outcome: &ProviderOutcome) -> Vec<Desired> {
-    vec![
-        Desired {
-            kind: "Accepted",
-            ok: true,
-            reason: "Accepted",
-            message: "spec is valid".into(),
-        },
+/// `unusable`: (backend id, on how many of `sidecars`) the sidecars left
+/// out of routing because they could not read its upstream key file.
+pub fn for_provider(
+    outcome: &ProviderOutcome,
+    unusable: &[(&str, usize)],
+    sidecars: usize,
+) -> Vec<Desired> {
+    let refs = if unusable.is_empty() {
         Desired {
             kind: "ResolvedRefs",
             ok: outcome.ready_backends > 0,
@@ -71,7 +71,30 @@ pub fn for_provider(outcome: &ProviderOutcome) -> Vec<Desired> {
                 "NoReadyBackends"
             },
             message: format!("{} ready backend(s)", outcome.ready_backends),
+        }
+    } else {
+        let list: Vec<String> = unusable
+            .iter()
+            .map(|(id, n)| format!("{id} ({n}/{sidecars} sidecars)"))
+            .collect();
+        Desired {
+            kind: "ResolvedRefs",
+            ok: false,
+            reason: "UpstreamKeyUnreadable",
+            message: format!(
+                "unavailable: the upstream key file (apiKeySecret) cannot be read: {}",
+                list.join(", ")
+            ),
+        }
+    };
+    vec![
+        Desired {
+            kind: "Accepted",
+            ok: true,
+            reason: "Accepted",
+            message: "spec is valid".into(),
         },
+        refs,
     ]
 }
 

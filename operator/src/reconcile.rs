@@ -113,10 +113,10 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
             })
             .inc();
         match result {
-            Pushed::Applied => {
+            Pushed::Applied(_) => {
                 tracing::info!(sidecar = %sidecar.name, version = %rendered.version, "pushed config")
             }
-            Pushed::Current => {}
+            Pushed::Current(_) => {}
             Pushed::Failed(why) => {
                 failed += 1;
                 tracing::warn!(sidecar = %sidecar.name, reason = %why, "config push failed");
@@ -133,6 +133,11 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
         }
     }
     let programmed = results.iter().filter(|r| r.runs_version()).count();
+    // Backend id -> how many sidecars left it out of routing.
+    let mut unavailable: std::collections::BTreeMap<&str, usize> = Default::default();
+    for id in results.iter().flat_map(Pushed::unavailable) {
+        *unavailable.entry(id.as_str()).or_default() += 1;
+    }
     ctx.metrics.sidecars_programmed.set(programmed as i64);
 
     let now = Time(Timestamp::now());
@@ -141,7 +146,14 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
             continue;
         };
         let current = p.status.clone().unwrap_or_default();
-        let desired = conditions::for_provider(outcome);
+        let (ns, name) = object_key(&**p);
+        let own = format!("{ns}/{name}");
+        let unusable: Vec<(&str, usize)> = unavailable
+            .iter()
+            .filter(|(id, _)| **id == own || id.starts_with(&format!("{own}/")))
+            .map(|(id, n)| (*id, *n))
+            .collect();
+        let desired = conditions::for_provider(outcome, &unusable, sidecars.len());
         let (conditions, changed) =
             conditions::merge(&current.conditions, &desired, p.metadata.generation, &now);
         let status = InferenceProviderStatus {

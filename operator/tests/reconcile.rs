@@ -261,22 +261,57 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
     })
     .await;
 
-    // A sidecar restarts with no config: the next resync gives it back.
+    // A sidecar is down while the config changes: Programmed says 1/2, its
+    // pod gets an event, the failure is counted. Restarted with no config,
+    // the next resync gives it back.
     let (admin, public) = (s1.admin_port, s1.public_port);
     s1.proc.kill();
+    routes
+        .patch(
+            "llama",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"aliases": ["llama", "l3", "while-down"]}})),
+        )
+        .await
+        .unwrap();
+    eventually("a sidecar down is reported", || async {
+        let (s, _, _) = route_status(&client, &ns, "llama").await?;
+        let programmed = condition(&s, "Programmed")?;
+        (programmed["status"] == "False" && programmed["message"].as_str()?.starts_with("1/2"))
+            .then_some(())
+    })
+    .await;
+    eventually("ConfigPushFailed event on the pod", || async {
+        events(&client, &ns)
+            .await?
+            .iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("ConfigPushFailed")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("sidecar-1")
+            })
+            .filter(|e| e.note.as_deref() == Some("sidecar unreachable"))
+            .map(|_| ())
+    })
+    .await;
+    let (_, metrics) = op.get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("infergate_operator_reconcile_failures_total{error=\"push\"}"),
+        "{metrics}"
+    );
     s1 = spawn_sidecar("sidecar-1-restarted", &dir, admin, public);
     sidecars_run(
         &client,
         &ns,
         &[&s0, &s1],
         "restarted sidecar re-pushed",
-        |c| model_names(c) == ["llama-3", "other"],
+        |c| model_names(c) == ["llama-3", "other"] && c.to_string().contains("\"while-down\""),
     )
     .await;
 
-    // A config the sidecars refuse (the upstream key file is not mounted in
-    // these processes): Programmed drops, the pods get events, the failure
-    // is counted; removing the reference recovers.
+    // An upstream key file the sidecars cannot read (the Secret is not
+    // mounted in these processes): the config is still taken, everything
+    // else keeps working, that provider's backend is left out and its
+    // status says why; removing the reference recovers.
     let providers: Api<InferenceProvider> = Api::namespaced(client.clone(), &ns);
     providers
         .patch(
@@ -286,35 +321,35 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
         )
         .await
         .unwrap();
-    eventually("refused config reported", || async {
-        let (s, _, _) = route_status(&client, &ns, "llama").await?;
-        let programmed = condition(&s, "Programmed")?;
-        (programmed["status"] == "False" && programmed["message"].as_str()?.starts_with("0/2"))
-            .then_some(())
+    sidecars_run(
+        &client,
+        &ns,
+        &[&s0, &s1],
+        "config with the key file taken",
+        |c| {
+            c["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b.get("apiKeyFile").is_some())
+        },
+    )
+    .await;
+    let unreadable = eventually("provider reports the unreadable key", || async {
+        let p = providers.get("nope").await.ok()?;
+        let status = serde_json::to_value(p.status?).ok()?;
+        let refs = condition(&status, "ResolvedRefs")?.clone();
+        (refs["reason"] == "UpstreamKeyUnreadable").then_some(refs)
     })
     .await;
-    let stored = config_map(&client, &ns).await.unwrap();
-    assert_ne!(
-        sidecar_config(s0.admin_port).await.unwrap()["version"],
-        stored["version"]
-    );
-    eventually("ConfigPushFailed event on a pod", || async {
-        events(&client, &ns)
-            .await?
-            .iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("ConfigPushFailed")
-                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Pod")
-            })
-            .filter(|e| e.note.as_deref().is_some_and(|n| n.contains("apiKeyFile")))
-            .map(|_| ())
-    })
-    .await;
-    let (_, metrics) = op.get("/metrics").await.unwrap();
+    assert_eq!(unreadable["status"], "False");
+    let message = unreadable["message"].as_str().unwrap();
     assert!(
-        metrics.contains("infergate_operator_reconcile_failures_total{error=\"push\"}"),
-        "{metrics}"
+        message.contains(&format!("{ns}/nope (2/2 sidecars)")),
+        "{message}"
     );
+    let (llama, _, _) = route_status(&client, &ns, "llama").await.unwrap();
+    assert_eq!(condition(&llama, "Programmed").unwrap()["status"], "True");
     providers
         .patch(
             "nope",
@@ -323,12 +358,10 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
         )
         .await
         .unwrap();
-    sidecars_run(&client, &ns, &[&s0, &s1], "recovered config", |c| {
-        c["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|b| b.get("apiKeyFile").is_none())
+    eventually("provider recovers", || async {
+        let p = providers.get("nope").await.ok()?;
+        let status = serde_json::to_value(p.status?).ok()?;
+        (condition(&status, "ResolvedRefs")?["status"] == "True").then_some(())
     })
     .await;
 
