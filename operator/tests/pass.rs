@@ -232,6 +232,20 @@ async fn a_pass_stores_pushes_and_writes_status_once() {
         .find(|(_, p, _)| p.starts_with(cm_path))
         .unwrap();
     assert!(query.contains("fieldManager=infergate-operator") && query.contains("force=true"));
+    // Only the fields the operator owns: Helm owns the chart's labels, and a
+    // forced apply of one breaks the next `helm upgrade` on a real server.
+    assert_eq!(
+        cm["metadata"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["annotations", "name"]
+    );
+    assert_eq!(
+        cm["data"].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["config.json"]
+    );
     let config: Value = serde_json::from_str(cm["data"]["config.json"].as_str().unwrap()).unwrap();
     assert_eq!(config["version"], sidecar.current_version());
     assert_eq!(config["models"].as_array().unwrap().len(), 1);
