@@ -170,9 +170,12 @@ impl Fence {
         }
     }
 
-    /// Resolves when leadership is gained or lost relative to `leading`.
+    /// Resolves when the leader task publishes a term that is (or is not)
+    /// current, unlike `leading`. A term that merely runs out publishes
+    /// nothing: writes are fenced regardless, and `run` notices on resync.
     pub async fn changed_from(&mut self, leading: bool) {
-        let _ = self.0.wait_for(|until| until.is_some() != leading).await;
+        let current = |until: &Option<Instant>| until.is_some_and(|u| Instant::now() < u);
+        let _ = self.0.wait_for(|until| current(until) != leading).await;
     }
 }
 

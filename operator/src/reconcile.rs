@@ -201,7 +201,7 @@ fn object_key(obj: &impl ResourceExt) -> (String, String) {
 /// only the fields the operator owns: its data entry and version annotation.
 /// Helm owns the chart's labels; taking one (even the same value, with
 /// force) would make the next `helm upgrade` fail on the conflict.
-pub fn config_map_apply(name: &str, rendered: &Rendered) -> serde_json::Value {
+fn config_map_apply(name: &str, rendered: &Rendered) -> serde_json::Value {
     let json = serde_json::to_string_pretty(&rendered.config).expect("config serialises");
     serde_json::json!({
         "apiVersion": "v1",
