@@ -115,23 +115,22 @@ def test_operator_writes_its_config_under_the_charts_rbac_and_helm_upgrade_still
                lambda: '"team-a"' in (c := config_map(kube)).get("data", {}).get("config.json", "") and c)
     config = json.loads(cm["data"]["config.json"])
     assert config["keys"][0]["id"] == "team-a"
-    # Field ownership: Helm keeps the labels, the operator owns only its
-    # data entry and version annotation.
-    owners = {m["manager"]: json.dumps(m.get("fieldsV1", {})) for m in cm["metadata"]["managedFields"]}
-    assert "infergate-operator" in owners, owners
-    operator_fields = owners["infergate-operator"]
-    assert "f:labels" not in operator_fields, operator_fields
-    assert '"f:config.json"' in operator_fields
-    assert cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
-    # Status written by the ServiceAccount too.
-    until("route status with observedGeneration", lambda: kube.json(
-        "get", "modelroute", "llama", "-n", kube.ns).get("status", {}).get("observedGeneration") == 1)
-
     # The case a real server showed: upgrading after the operator wrote.
     up = kube.helm("upgrade", RELEASE, str(CHART), "-n", kube.ns,
                    "--set", f"operator.watchNamespaces={{{kube.ns}}}", "--set", "operator.resyncSeconds=20")
     assert "conflict" not in (up.stdout + up.stderr).lower()
     after = config_map(kube)
+    # Field ownership: Helm keeps the labels, the operator owns only its
+    # data entry and version annotation.
+    owners = {m["manager"]: json.dumps(m.get("fieldsV1", {})) for m in after["metadata"]["managedFields"]}
+    assert "infergate-operator" in owners, owners
+    operator_fields = owners["infergate-operator"]
+    assert "f:labels" not in operator_fields, operator_fields
+    assert '"f:config.json"' in operator_fields
+    assert after["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    # Status written by the ServiceAccount too.
+    until("route status with observedGeneration", lambda: kube.json(
+        "get", "modelroute", "llama", "-n", kube.ns).get("status", {}).get("observedGeneration") == 1)
     assert after["data"]["config.json"] == cm["data"]["config.json"], "helm upgrade dropped the operator's data"
     deployment = kube.json("get", "deployment", f"{RELEASE}-infergate-operator", "-n", kube.ns)
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
