@@ -3,6 +3,7 @@
 //! The YAML in `crds/` and `charts/infergate/crds/` is generated from these
 //! types by `cargo run -p infergate-crds --bin crdgen`; never edit it.
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -14,6 +15,13 @@ pub const API_KEY_LABEL: &str = "infergate.dev/api-key";
 /// Secret annotation: the API key's id (default: the Secret's name). The id
 /// is what routes list in `apiKeys` and what logs and metrics show.
 pub const API_KEY_ID_ANNOTATION: &str = "infergate.dev/key-id";
+/// API-key Secret annotations: the key's limits across all sidecars (each
+/// sidecar enforces its share: the total divided by the number of running
+/// sidecars, rounded up). Absent or 0 means no limit. A value that is not a
+/// whole number leaves the key out of the config until it is fixed.
+pub const REQUESTS_PER_MINUTE_ANNOTATION: &str = "infergate.dev/requests-per-minute";
+pub const CONCURRENT_REQUESTS_ANNOTATION: &str = "infergate.dev/concurrent-requests";
+pub const TOKENS_PER_MINUTE_ANNOTATION: &str = "infergate.dev/tokens-per-minute";
 /// Label that marks a pod as running an infergate sidecar.
 pub const SIDECAR_LABEL: &str = "infergate.dev/sidecar";
 /// Pod annotation: the sidecar's admin port (default 9090).
@@ -27,7 +35,8 @@ pub const ADMIN_PORT_ANNOTATION: &str = "infergate.dev/admin-port";
     kind = "InferenceProvider",
     namespaced,
     status = "InferenceProviderStatus",
-    shortname = "ip",
+    // Not `ip`: that is IPAddress (networking.k8s.io), built in. The
+    // real-server tests check every short name against discovery.
     shortname = "iprov",
     category = "infergate",
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyBackends"}"#,
@@ -48,7 +57,9 @@ pub struct InferenceProviderSpec {
     /// reached through the infergate sidecar on the same pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<EndpointsTarget>,
-    /// Model names the upstream serves.
+    /// Model names the upstream serves. When set, a ModelRoute backend that
+    /// asks this provider for another model is not used, and the route's
+    /// `ResolvedRefs` says `ModelNotServed`. Empty: not checked.
     #[serde(default)]
     pub models: Vec<String>,
     /// Secret holding the upstream's API key; mounted into the sidecars at
@@ -210,18 +221,47 @@ pub struct ModelRouteStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// The CRDs as the API server gets them: schemars' `format`s for unsigned
+/// integers (`uint16`, `uint32`, `uint64`) are not OpenAPI formats the
+/// server knows (it warns on every apply), so they become the signed ones
+/// that hold their range; `minimum`/`maximum` keep the bounds.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    use kube::CustomResourceExt;
+    [InferenceProvider::crd(), ModelRoute::crd()]
+        .into_iter()
+        .map(|crd| {
+            let mut value = serde_json::to_value(crd).expect("CRD serialises");
+            known_formats(&mut value);
+            serde_json::from_value(value).expect("CRD round-trips")
+        })
+        .collect()
+}
+
+fn known_formats(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(format)) = map.get_mut("format") {
+                match format.as_str() {
+                    "uint8" | "uint16" | "int8" | "int16" => *format = "int32".into(),
+                    "uint32" | "uint64" | "uint" => *format = "int64".into(),
+                    _ => {}
+                }
+            }
+            map.values_mut().for_each(known_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(known_formats),
+        _ => {}
+    }
+}
+
 /// The generated CRD YAML documents, in a stable order.
 pub fn crd_yaml() -> Vec<(&'static str, String)> {
-    use kube::CustomResourceExt;
+    let mut crds = crds().into_iter();
+    let mut next =
+        || serde_yaml::to_string(&crds.next().expect("two CRDs")).expect("CRD serialises");
     vec![
-        (
-            "infergate.dev_inferenceproviders.yaml",
-            serde_yaml::to_string(&InferenceProvider::crd()).expect("CRD serialises"),
-        ),
-        (
-            "infergate.dev_modelroutes.yaml",
-            serde_yaml::to_string(&ModelRoute::crd()).expect("CRD serialises"),
-        ),
+        ("infergate.dev_inferenceproviders.yaml", next()),
+        ("infergate.dev_modelroutes.yaml", next()),
     ]
 }
 
@@ -234,12 +274,24 @@ mod tests {
     fn crds_carry_names_columns_and_cel_rules() {
         let ip = serde_json::to_string(&InferenceProvider::crd()).unwrap();
         assert!(ip.contains("\"inferenceproviders.infergate.dev\""));
-        assert!(ip.contains("\"shortNames\":[\"ip\",\"iprov\"]"));
+        assert!(ip.contains("\"shortNames\":[\"iprov\"]"));
         assert!(ip.contains("x-kubernetes-validations"));
         assert!(ip.contains("exactly one of url, service, endpoints"));
         let mr = serde_json::to_string(&ModelRoute::crd()).unwrap();
         assert!(mr.contains("\"Programmed\""));
         assert!(mr.contains("an alias must differ"));
+    }
+
+    #[test]
+    fn schemas_use_only_formats_the_api_server_knows() {
+        let text = serde_json::to_string(&crds()).unwrap();
+        for format in ["uint8", "uint16", "uint32", "uint64"] {
+            assert!(
+                !text.contains(&format!("\"{format}\"")),
+                "{format} left in a schema"
+            );
+        }
+        assert!(text.contains("\"maximum\":65535.0"), "port bounds kept");
     }
 
     #[test]

@@ -54,14 +54,14 @@ pub fn merge(
     (next, changed)
 }
 
-pub fn for_provider(outcome: &ProviderOutcome) -> Vec<Desired> {
-    vec![
-        Desired {
-            kind: "Accepted",
-            ok: true,
-            reason: "Accepted",
-            message: "spec is valid".into(),
-        },
+/// `unusable`: (backend id, on how many of `sidecars`) the sidecars left
+/// out of routing because they could not read its upstream key file.
+pub fn for_provider(
+    outcome: &ProviderOutcome,
+    unusable: &[(&str, usize)],
+    sidecars: usize,
+) -> Vec<Desired> {
+    let refs = if unusable.is_empty() {
         Desired {
             kind: "ResolvedRefs",
             ok: outcome.ready_backends > 0,
@@ -71,7 +71,30 @@ pub fn for_provider(outcome: &ProviderOutcome) -> Vec<Desired> {
                 "NoReadyBackends"
             },
             message: format!("{} ready backend(s)", outcome.ready_backends),
+        }
+    } else {
+        let list: Vec<String> = unusable
+            .iter()
+            .map(|(id, n)| format!("{id} ({n}/{sidecars} sidecars)"))
+            .collect();
+        Desired {
+            kind: "ResolvedRefs",
+            ok: false,
+            reason: "UpstreamKeyUnreadable",
+            message: format!(
+                "unavailable: the upstream key file (apiKeySecret) cannot be read: {}",
+                list.join(", ")
+            ),
+        }
+    };
+    vec![
+        Desired {
+            kind: "Accepted",
+            ok: true,
+            reason: "Accepted",
+            message: "spec is valid".into(),
         },
+        refs,
     ]
 }
 
@@ -92,7 +115,27 @@ pub fn for_route(outcome: &RouteOutcome, programmed: usize, sidecars: usize) -> 
             message: why.clone(),
         },
     };
-    let refs = if outcome.missing.is_empty() {
+    let refs = if !outcome.missing.is_empty() {
+        Desired {
+            kind: "ResolvedRefs",
+            ok: false,
+            reason: "ProviderNotFound",
+            message: format!(
+                "InferenceProvider(s) not found: {}",
+                outcome.missing.join(", ")
+            ),
+        }
+    } else if !outcome.unserved.is_empty() {
+        Desired {
+            kind: "ResolvedRefs",
+            ok: false,
+            reason: "ModelNotServed",
+            message: format!(
+                "not in the InferenceProvider's models: {}",
+                outcome.unserved.join(", ")
+            ),
+        }
+    } else {
         Desired {
             kind: "ResolvedRefs",
             ok: outcome.resolved_backends > 0,
@@ -102,16 +145,6 @@ pub fn for_route(outcome: &RouteOutcome, programmed: usize, sidecars: usize) -> 
                 "NoReadyBackends"
             },
             message: format!("{} backend(s) resolved", outcome.resolved_backends),
-        }
-    } else {
-        Desired {
-            kind: "ResolvedRefs",
-            ok: false,
-            reason: "ProviderNotFound",
-            message: format!(
-                "InferenceProvider(s) not found: {}",
-                outcome.missing.join(", ")
-            ),
         }
     };
     let programmed_ok = outcome.rejected.is_none()
@@ -143,6 +176,7 @@ mod tests {
         RouteOutcome {
             rejected: None,
             missing: missing.iter().map(|s| s.to_string()).collect(),
+            unserved: Vec::new(),
             resolved_backends: resolved,
         }
     }

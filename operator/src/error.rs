@@ -16,6 +16,10 @@ pub enum Error {
     /// part of any message).
     #[error("reading the admin token file: {0}")]
     Token(std::io::Error),
+    /// This replica's leader term ran out (or the Lease was lost): it must
+    /// not write.
+    #[error("not the leader (any more)")]
+    NotLeader,
 }
 
 impl Error {
@@ -25,6 +29,7 @@ impl Error {
             Error::InvalidConfig(_) => "invalid_config",
             Error::Push { .. } => "push",
             Error::Token(_) => "admin_token",
+            Error::NotLeader => "not_leader",
         }
     }
 }

@@ -5,7 +5,11 @@
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
-use infergate_crds::{InferenceProvider, ModelRoute, ADMIN_PORT_ANNOTATION, API_KEY_ID_ANNOTATION};
+use infergate_crds::{
+    InferenceProvider, ModelRoute, ADMIN_PORT_ANNOTATION, API_KEY_ID_ANNOTATION,
+    CONCURRENT_REQUESTS_ANNOTATION, REQUESTS_PER_MINUTE_ANNOTATION, TOKENS_PER_MINUTE_ANNOTATION,
+};
+use infergate_sidecar::config::KeyLimits;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
@@ -26,7 +30,9 @@ pub fn gather(
     routes: &[impl Borrow<ModelRoute>],
     secrets: &[impl Borrow<Secret>],
     slices: &[impl Borrow<EndpointSlice>],
+    sidecars: usize,
 ) -> Inputs {
+    let (keys, limits) = api_keys(secrets);
     Inputs {
         providers: providers
             .iter()
@@ -36,17 +42,24 @@ pub fn gather(
             .iter()
             .map(|r| (key_of(r.borrow()), r.borrow().spec.clone()))
             .collect(),
-        keys: api_keys(secrets),
+        keys,
+        limits,
+        sidecars: sidecars as u32,
         endpoints: ready_endpoints(slices),
     }
 }
 
-/// Key id -> key. When two Secrets claim one id, the first by
-/// (namespace, name) wins, so the outcome never depends on watch order.
-pub fn api_keys(secrets: &[impl Borrow<Secret>]) -> BTreeMap<String, String> {
+/// Key id -> key, and key id -> limits. When two Secrets claim one id, the
+/// first by (namespace, name) wins, so the outcome never depends on watch
+/// order. A key whose limit annotation does not parse is left out (fails
+/// closed: a typo must not make a limited key unlimited).
+pub fn api_keys(
+    secrets: &[impl Borrow<Secret>],
+) -> (BTreeMap<String, String>, BTreeMap<String, KeyLimits>) {
     let mut sorted: Vec<&Secret> = secrets.iter().map(Borrow::borrow).collect();
     sorted.sort_by_key(|s| key_of(*s));
     let mut keys = BTreeMap::new();
+    let mut all_limits = BTreeMap::new();
     for secret in sorted {
         let Some(key) = secret_key(secret) else {
             continue;
@@ -56,9 +69,46 @@ pub fn api_keys(secrets: &[impl Borrow<Secret>]) -> BTreeMap<String, String> {
             .get(API_KEY_ID_ANNOTATION)
             .cloned()
             .unwrap_or_else(|| secret.name_any());
-        keys.entry(id).or_insert(key);
+        if keys.contains_key(&id) {
+            continue;
+        }
+        match limits(secret) {
+            Ok(Some(l)) => {
+                all_limits.insert(id.clone(), l);
+            }
+            Ok(None) => {}
+            Err(annotation) => {
+                tracing::warn!(key_id = %id, annotation, "API key left out: its limit is not a number");
+                continue;
+            }
+        }
+        keys.insert(id, key);
     }
-    keys
+    (keys, all_limits)
+}
+
+/// The key's total limits from its Secret's annotations (see
+/// `infergate_crds::REQUESTS_PER_MINUTE_ANNOTATION`); `Err` names the one
+/// that does not parse.
+fn limits(secret: &Secret) -> Result<Option<KeyLimits>, &'static str> {
+    let annotations = secret.annotations();
+    let read = |name: &'static str| -> Result<u64, &'static str> {
+        annotations
+            .get(name)
+            .map_or(Ok(0), |v| v.trim().parse::<u64>().map_err(|_| name))
+    };
+    let rpm = read(REQUESTS_PER_MINUTE_ANNOTATION)?;
+    let concurrent = read(CONCURRENT_REQUESTS_ANNOTATION)?;
+    let tpm = read(TOKENS_PER_MINUTE_ANNOTATION)?;
+    if rpm == 0 && concurrent == 0 && tpm == 0 {
+        return Ok(None);
+    }
+    Ok(Some(KeyLimits {
+        requests_per_minute: u32::try_from(rpm).map_err(|_| REQUESTS_PER_MINUTE_ANNOTATION)?,
+        concurrent_requests: u32::try_from(concurrent)
+            .map_err(|_| CONCURRENT_REQUESTS_ANNOTATION)?,
+        tokens_per_minute: tpm,
+    }))
 }
 
 /// The `key` entry, trimmed: `kubectl create secret --from-file` keeps the
@@ -180,10 +230,47 @@ mod tests {
             secret("a", "other", "ig-other-0000000000", Some("renamed")),
             secret("a", "empty", "  \n", None),
         ];
-        let keys = api_keys(&secrets);
+        let (keys, limits) = api_keys(&secrets);
         assert_eq!(keys.len(), 2);
+        assert!(limits.is_empty());
         assert_eq!(keys["team"], "ig-first-claim-000000");
         assert_eq!(keys["renamed"], "ig-other-0000000000");
+    }
+
+    #[test]
+    fn limits_come_from_the_secrets_annotations_and_a_bad_one_leaves_the_key_out() {
+        let mut limited = secret("a", "limited", "ig-limited-00000000000", None);
+        let mut bad = secret("a", "typo", "ig-typo-0000000000000", None);
+        limited.metadata.annotations = Some(
+            [
+                (
+                    REQUESTS_PER_MINUTE_ANNOTATION.to_string(),
+                    "600".to_string(),
+                ),
+                (
+                    TOKENS_PER_MINUTE_ANNOTATION.to_string(),
+                    " 200000 ".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        bad.metadata.annotations = Some(
+            [(
+                CONCURRENT_REQUESTS_ANNOTATION.to_string(),
+                "16x".to_string(),
+            )]
+            .into(),
+        );
+        let (keys, limits) = api_keys(&[limited, bad]);
+        assert_eq!(keys.keys().collect::<Vec<_>>(), ["limited"]);
+        assert_eq!(
+            limits["limited"],
+            KeyLimits {
+                requests_per_minute: 600,
+                concurrent_requests: 0,
+                tokens_per_minute: 200_000
+            }
+        );
     }
 
     fn endpoint(ip: &str, ready: Option<bool>) -> Endpoint {

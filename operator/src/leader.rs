@@ -129,43 +129,93 @@ fn conflict_is_false(result: kube::Result<Lease>) -> kube::Result<bool> {
     }
 }
 
-/// Keep trying every third of the lease duration and publish whether we
-/// lead. A leader that cannot renew for two thirds of the duration steps
-/// down before any standby may take over, so two leaders never overlap.
-/// When `shutdown` flips, a leader releases the Lease so its standby takes
-/// over at once instead of after a lease duration.
-pub async fn run(
-    mut lock: LeaseLock,
-    leading: watch::Sender<bool>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Until when this replica may write as leader. The leader task moves the
+/// instant forward on each renewal: two thirds of a lease duration after the
+/// renewal was *sent*, so it runs out before any standby can take over (a
+/// standby waits a whole duration after it last saw the record change).
+/// Every write checks it, and a pass in flight is cancelled when it runs
+/// out or leadership is lost: a deposed leader writes nothing more.
+#[derive(Clone, Debug)]
+pub struct Fence(watch::Receiver<Option<Instant>>);
+
+/// What the leader task publishes: `Some(until)` while leading.
+pub type Term = watch::Sender<Option<Instant>>;
+
+impl Fence {
+    pub fn new() -> (Term, Fence) {
+        let (tx, rx) = watch::channel(None);
+        (tx, Fence(rx))
+    }
+
+    /// Leading now, and the term has not run out.
+    pub fn leads(&self) -> bool {
+        self.0.borrow().is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Resolves when this replica must stop writing: the term runs out or
+    /// the leader task says leadership is lost. At once if not leading.
+    pub async fn lost(&self) {
+        let mut rx = self.0.clone();
+        loop {
+            let until = *rx.borrow_and_update();
+            match until {
+                Some(until) if Instant::now() < until => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => return,
+                        changed = rx.changed() => if changed.is_err() { return },
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Resolves when the leader task publishes a term that is (or is not)
+    /// current, unlike `leading`. A term that merely runs out publishes
+    /// nothing: writes are fenced regardless, and `run` notices on resync.
+    pub async fn changed_from(&mut self, leading: bool) {
+        let current = |until: &Option<Instant>| until.is_some_and(|u| Instant::now() < u);
+        let _ = self.0.wait_for(|until| current(until) != leading).await;
+    }
+}
+
+/// Keep trying every third of the lease duration and publish the term.
+/// A leader that cannot renew stops writing two thirds of a duration after
+/// its last successful renewal was sent, before any standby may take over,
+/// so two leaders' writes never overlap. When `shutdown` flips, a leader
+/// releases the Lease so its standby takes over at once instead of after a
+/// lease duration.
+pub async fn run(mut lock: LeaseLock, term: Term, mut shutdown: watch::Receiver<bool>) {
     let period = lock.duration / 3;
-    let deadline = lock.duration * 2 / 3;
-    let mut last_renewed: Option<Instant> = None;
+    let validity = lock.duration * 2 / 3;
     loop {
+        let was = term.borrow().is_some();
+        let sent = Instant::now();
         let holds = match lock.try_acquire_or_renew().await {
             Ok(true) => {
-                last_renewed = Some(Instant::now());
+                term.send_replace(Some(sent + validity));
                 true
             }
             Ok(false) => {
-                last_renewed = None;
+                term.send_replace(None);
                 false
             }
             Err(e) => {
                 tracing::warn!(error = %e, lease = %lock.name, "lease round failed");
-                // Keep leading through a short API outage, not a long one.
-                last_renewed.is_some_and(|t| t.elapsed() < deadline)
+                // The current term, if any, runs out by itself.
+                term.borrow().is_some_and(|until| Instant::now() < until)
             }
         };
-        if *leading.borrow() != holds {
+        if !holds && term.borrow().is_some() {
+            term.send_replace(None);
+        }
+        if was != holds {
             tracing::info!(identity = %lock.identity, leading = holds, "leadership changed");
-            leading.send_replace(holds);
         }
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-                leading.send_replace(false);
+                term.send_replace(None);
                 if holds {
                     if let Err(e) = lock.release().await {
                         tracing::warn!(error = %e, "could not release the lease");

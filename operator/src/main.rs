@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use infergate_operator::cache;
-use infergate_operator::leader::{self, LeaseLock};
+use infergate_operator::leader::{self, Fence, LeaseLock};
 use infergate_operator::metrics::{self, Metrics};
 use infergate_operator::reconcile::{self, Context, Timing, FIELD_MANAGER};
 use kube::runtime::events::{Recorder, Reporter};
@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let stores = cache::start(&client, &cli.watch_namespaces, &trigger, &mut tasks);
 
-    let (leading_tx, leading_rx) = watch::channel(false);
+    let (term, fence) = Fence::new();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let lock = LeaseLock::new(
         Api::namespaced(client.clone(), &cli.namespace),
@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         &identity,
         Duration::from_secs(cli.lease_seconds),
     );
-    let leader_task = tokio::spawn(leader::run(lock, leading_tx, shutdown_rx.clone()));
+    let leader_task = tokio::spawn(leader::run(lock, term, shutdown_rx.clone()));
 
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
@@ -126,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         recorder,
         metrics: metrics.clone(),
         stores,
+        fence,
     };
     {
         // Readiness and the first pass wait for every cache to list once.
@@ -141,13 +142,7 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_secs(cli.resync_seconds.max(1)),
         ..Timing::default()
     };
-    let reconciler = tokio::spawn(reconcile::run(
-        ctx,
-        trigger,
-        leading_rx,
-        timing,
-        shutdown_rx.clone(),
-    ));
+    let reconciler = tokio::spawn(reconcile::run(ctx, trigger, timing, shutdown_rx.clone()));
 
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await

@@ -17,11 +17,15 @@ pub struct Sidecar {
     pub admin_url: String,
 }
 
+/// Backend ids the sidecar left out of routing (an upstream key file it
+/// cannot read), as its admin API reports them.
+pub type Unavailable = Vec<String>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pushed {
     /// The sidecar already ran this version; nothing was sent.
-    Current,
-    Applied,
+    Current(Unavailable),
+    Applied(Unavailable),
     /// The sidecar refused the config (its message), or could not be reached.
     Failed(String),
 }
@@ -29,8 +33,8 @@ pub enum Pushed {
 impl Pushed {
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Pushed::Current => "current",
-            Pushed::Applied => "applied",
+            Pushed::Current(_) => "current",
+            Pushed::Applied(_) => "applied",
             Pushed::Failed(_) => "failed",
         }
     }
@@ -38,6 +42,26 @@ impl Pushed {
     pub fn runs_version(&self) -> bool {
         !matches!(self, Pushed::Failed(_))
     }
+
+    pub fn unavailable(&self) -> &[String] {
+        match self {
+            Pushed::Current(u) | Pushed::Applied(u) => u,
+            Pushed::Failed(_) => &[],
+        }
+    }
+}
+
+fn unavailable(resp: &reqwest::Response) -> Unavailable {
+    resp.headers()
+        .get(infergate_sidecar::admin::UNAVAILABLE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Deserialize)]
@@ -76,9 +100,10 @@ pub async fn push_one(
         let current = client.get(&url).bearer_auth(token).send().await;
         if let Ok(resp) = current {
             if resp.status().is_success() {
+                let unavailable = unavailable(&resp);
                 if let Ok(v) = resp.json::<Versioned>().await {
                     if v.version.as_deref() == Some(version) {
-                        return Pushed::Current;
+                        return Pushed::Current(unavailable);
                     }
                 }
             }
@@ -90,7 +115,7 @@ pub async fn push_one(
             .send()
             .await
         {
-            Ok(resp) if resp.status().is_success() => return Pushed::Applied,
+            Ok(resp) if resp.status().is_success() => return Pushed::Applied(unavailable(&resp)),
             Ok(resp) if resp.status().is_client_error() => {
                 // A refusal will not change on retry: report it now.
                 let message = resp

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::cache::{all, Stores};
 use crate::conditions;
+use crate::leader::Fence;
 use crate::metrics::{Metrics, PushLabels};
 use crate::push::{push_all, Pushed};
 use crate::render::{render, Rendered};
@@ -44,6 +45,19 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
+    /// Checked before every write: only a current leader writes.
+    pub fence: Fence,
+}
+
+impl Context {
+    /// `Err(NotLeader)` once this replica's term has run out.
+    fn fenced(&self) -> Result<()> {
+        if self.fence.leads() {
+            Ok(())
+        } else {
+            Err(Error::NotLeader)
+        }
+    }
 }
 
 /// What this leader wrote, so a pass whose cache has not yet seen its own
@@ -62,17 +76,25 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
     let slices = all(&ctx.stores.slices);
     let pods = all(&ctx.stores.pods);
 
-    let rendered = render(&inputs::gather(&providers, &routes, &secrets, &slices));
+    let sidecars = inputs::sidecars(&pods);
+    let rendered = render(&inputs::gather(
+        &providers,
+        &routes,
+        &secrets,
+        &slices,
+        sidecars.len(),
+    ));
     rendered.config.validate()?;
 
     if memory.stored_version.as_deref() != Some(rendered.version.as_str()) {
+        ctx.fenced()?;
         store_config(ctx, &rendered).await?;
         tracing::info!(version = %rendered.version, "stored config");
         memory.stored_version = Some(rendered.version.clone());
     }
 
-    let sidecars = inputs::sidecars(&pods);
     let token = std::fs::read_to_string(&ctx.admin_token_file).map_err(Error::Token)?;
+    ctx.fenced()?;
     let results = push_all(
         &ctx.http,
         &sidecars,
@@ -91,10 +113,10 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
             })
             .inc();
         match result {
-            Pushed::Applied => {
+            Pushed::Applied(_) => {
                 tracing::info!(sidecar = %sidecar.name, version = %rendered.version, "pushed config")
             }
-            Pushed::Current => {}
+            Pushed::Current(_) => {}
             Pushed::Failed(why) => {
                 failed += 1;
                 tracing::warn!(sidecar = %sidecar.name, reason = %why, "config push failed");
@@ -111,6 +133,11 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
         }
     }
     let programmed = results.iter().filter(|r| r.runs_version()).count();
+    // Backend id -> how many sidecars left it out of routing.
+    let mut unavailable: std::collections::BTreeMap<&str, usize> = Default::default();
+    for id in results.iter().flat_map(Pushed::unavailable) {
+        *unavailable.entry(id.as_str()).or_default() += 1;
+    }
     ctx.metrics.sidecars_programmed.set(programmed as i64);
 
     let now = Time(Timestamp::now());
@@ -119,7 +146,14 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
             continue;
         };
         let current = p.status.clone().unwrap_or_default();
-        let desired = conditions::for_provider(outcome);
+        let (ns, name) = object_key(&**p);
+        let own = format!("{ns}/{name}");
+        let unusable: Vec<(&str, usize)> = unavailable
+            .iter()
+            .filter(|(id, _)| **id == own || id.starts_with(&format!("{own}/")))
+            .map(|(id, n)| (*id, *n))
+            .collect();
+        let desired = conditions::for_provider(outcome, &unusable, sidecars.len());
         let (conditions, changed) =
             conditions::merge(&current.conditions, &desired, p.metadata.generation, &now);
         let status = InferenceProviderStatus {
@@ -163,19 +197,25 @@ fn object_key(obj: &impl ResourceExt) -> (String, String) {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
-/// The ConfigMap a restarted sidecar can boot from, by server-side apply.
-async fn store_config(ctx: &Context, rendered: &Rendered) -> Result<()> {
+/// The ConfigMap a restarted sidecar can boot from, by server-side apply of
+/// only the fields the operator owns: its data entry and version annotation.
+/// Helm owns the chart's labels; taking one (even the same value, with
+/// force) would make the next `helm upgrade` fail on the conflict.
+fn config_map_apply(name: &str, rendered: &Rendered) -> serde_json::Value {
     let json = serde_json::to_string_pretty(&rendered.config).expect("config serialises");
-    let cm = serde_json::json!({
+    serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": ctx.config_map,
-            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+            "name": name,
             "annotations": {"infergate.dev/config-version": rendered.version},
         },
         "data": {CONFIG_KEY: json},
-    });
+    })
+}
+
+async fn store_config(ctx: &Context, rendered: &Rendered) -> Result<()> {
+    let cm = config_map_apply(&ctx.config_map, rendered);
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     api.patch(
         &ctx.config_map,
@@ -210,6 +250,7 @@ where
             return Ok(false);
         }
     }
+    ctx.fenced()?;
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
@@ -270,6 +311,9 @@ async fn route_events(
 }
 
 async fn warn_event(ctx: &Context, regarding: &ObjectReference, reason: &str, note: String) {
+    if ctx.fenced().is_err() {
+        return;
+    }
     let event = Event {
         type_: EventType::Warning,
         reason: reason.to_owned(),
@@ -303,28 +347,31 @@ impl Default for Timing {
     }
 }
 
-/// Run passes while leading, until `shutdown` flips.
+/// Run passes while leading, until `shutdown` flips. A pass still running
+/// when the term runs out is cancelled where it stands (every write it had
+/// not yet sent is dropped), and the next term starts from the cluster.
 pub async fn run(
     ctx: Context,
     trigger: Arc<Notify>,
-    mut leading: watch::Receiver<bool>,
     timing: Timing,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut memory = Memory::default();
     let mut wait = timing.resync;
     let mut retry = timing.retry_min;
+    let mut fence = ctx.fence.clone();
+    let mut leading = false;
     loop {
         tokio::select! {
             _ = trigger.notified() => {}
-            changed = leading.changed() => if changed.is_err() { return },
+            _ = fence.changed_from(leading) => {}
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         tokio::time::sleep(timing.debounce).await;
-        let leads = *leading.borrow_and_update();
-        ctx.metrics.leader.set(leads as i64);
-        if !leads {
+        leading = ctx.fence.leads();
+        ctx.metrics.leader.set(leading as i64);
+        if !leading {
             // A later term starts from what the cluster says, not from us.
             memory = Memory::default();
             wait = timing.resync;
@@ -338,7 +385,10 @@ pub async fn run(
             continue;
         }
         let started = Instant::now();
-        let result = pass(&ctx, &mut memory).await;
+        let result = tokio::select! {
+            result = pass(&ctx, &mut memory) => result,
+            _ = ctx.fence.lost() => Err(Error::NotLeader),
+        };
         ctx.metrics.observe_pass(
             started.elapsed(),
             result.as_ref().err().map(Error::metric_label),
@@ -346,6 +396,13 @@ pub async fn run(
         wait = match result {
             Ok(()) => {
                 retry = timing.retry_min;
+                timing.resync
+            }
+            Err(Error::NotLeader) => {
+                tracing::warn!("leadership lost during a pass; it was cancelled");
+                memory = Memory::default();
+                leading = false;
+                ctx.metrics.leader.set(0);
                 timing.resync
             }
             Err(e) => {

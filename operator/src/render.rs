@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
 use infergate_sidecar::config::{
-    self, ApiKey, Backend, GatewayConfig, ModelRoute as RouteConfig, Sticky, Target,
+    self, ApiKey, Backend, GatewayConfig, KeyLimits, ModelRoute as RouteConfig, Sticky, Target,
     TimeoutOverrides, Timeouts,
 };
 
@@ -24,6 +24,10 @@ pub struct Inputs {
     pub routes: BTreeMap<ObjectKey, ModelRouteSpec>,
     /// Key id -> the key itself (read from its Secret; only its hash leaves).
     pub keys: BTreeMap<String, String>,
+    /// Key id -> its cluster-wide limits (from its Secret's annotations).
+    pub limits: BTreeMap<String, KeyLimits>,
+    /// Running sidecars: each enforces its share of a key's limits.
+    pub sidecars: u32,
     /// (namespace, service) -> ready endpoint addresses, from EndpointSlices.
     pub endpoints: BTreeMap<ObjectKey, BTreeSet<String>>,
 }
@@ -39,6 +43,9 @@ pub struct RouteOutcome {
     pub rejected: Option<String>,
     /// Providers the route names that do not exist.
     pub missing: Vec<String>,
+    /// `provider: model` pairs where the provider lists its `models` and
+    /// the model the route asks it for is not among them.
+    pub unserved: Vec<String>,
     pub resolved_backends: u32,
 }
 
@@ -84,16 +91,25 @@ pub fn render(inputs: &Inputs) -> Rendered {
                         "model name or alias {clash:?} is already used by another ModelRoute"
                     )),
                     missing: Vec::new(),
+                    unserved: Vec::new(),
                     resolved_backends: 0,
                 },
             );
             continue;
         }
         let mut missing = Vec::new();
+        let mut unserved = Vec::new();
         let mut targets = Vec::new();
         for b in &spec.backends {
-            match by_provider.get(&(ns.clone(), b.provider.clone())) {
+            let provider = (ns.clone(), b.provider.clone());
+            let upstream = b.upstream_model.as_ref().unwrap_or(&spec.model);
+            let serves =
+                |p: &InferenceProviderSpec| p.models.is_empty() || p.models.contains(upstream);
+            match by_provider.get(&provider) {
                 None => missing.push(b.provider.clone()),
+                Some(_) if !serves(&inputs.providers[&provider]) => {
+                    unserved.push(format!("{}: {upstream}", b.provider));
+                }
                 Some(ids) => targets.extend(ids.iter().map(|id| Target {
                     backend: id.clone(),
                     upstream_model: b.upstream_model.clone(),
@@ -106,6 +122,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
             RouteOutcome {
                 rejected: None,
                 missing,
+                unserved,
                 resolved_backends: targets.len() as u32,
             },
         );
@@ -153,7 +170,10 @@ pub fn render(inputs: &Inputs) -> Rendered {
                 .map(|r| r.model.clone())
                 .collect(),
             admin: false,
-            limits: None,
+            limits: inputs
+                .limits
+                .get(id)
+                .map(|l| sidecar_share(*l, inputs.sidecars)),
         })
         .collect();
 
@@ -172,6 +192,23 @@ pub fn render(inputs: &Inputs) -> Rendered {
         version,
         providers,
         routes,
+    }
+}
+
+/// Limits are local to each sidecar, so each enforces its share of the
+/// key's total (rounded up; at least 1 where a limit is set, so a key is
+/// never shut out by rounding; 0 stays "no limit").
+pub fn sidecar_share(total: KeyLimits, sidecars: u32) -> KeyLimits {
+    let n = sidecars.max(1);
+    let share32 = |v: u32| if v == 0 { 0 } else { v.div_ceil(n) };
+    KeyLimits {
+        requests_per_minute: share32(total.requests_per_minute),
+        concurrent_requests: share32(total.concurrent_requests),
+        tokens_per_minute: if total.tokens_per_minute == 0 {
+            0
+        } else {
+            total.tokens_per_minute.div_ceil(u64::from(n))
+        },
     }
 }
 

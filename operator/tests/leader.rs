@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use infergate_operator::leader::LeaseLock;
+use infergate_operator::leader::{self, Fence, LeaseLock};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::client::Body;
 use kube::{Api, Client};
@@ -22,6 +22,8 @@ struct Stored {
     version: u64,
     /// Answer the next write with 409, as when another replica wrote first.
     conflict_next_write: bool,
+    /// Answer everything with 503, as an API server this replica cannot reach.
+    unreachable: bool,
 }
 
 fn reply(code: u16, body: Value) -> Result<Response<Body>, Infallible> {
@@ -47,6 +49,9 @@ fn fake_lease_api() -> (Client, Arc<Mutex<Stored>>) {
             let bytes = req.into_body().collect().await.unwrap().to_bytes();
             let mut s = state.lock().unwrap();
             let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if s.unreachable {
+                return reply(503, status(503, "ServiceUnavailable"));
+            }
             if method != "GET" && std::mem::take(&mut s.conflict_next_write) {
                 return reply(409, status(409, "Conflict"));
             }
@@ -145,4 +150,53 @@ async fn a_lost_race_is_not_an_error() {
         "lost the takeover race"
     );
     assert_eq!(holder(&stored).as_deref(), Some("a"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_term_ends_before_a_standby_may_take_over_and_at_once_when_the_lease_is_taken() {
+    let (client, stored) = fake_lease_api();
+    let api: Api<Lease> = Api::namespaced(client, "ops");
+    let duration = Duration::from_secs(3);
+    let (term, fence) = Fence::new();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let start = tokio::time::Instant::now();
+    tokio::spawn(leader::run(
+        LeaseLock::new(api.clone(), "op", "a", duration),
+        term,
+        shutdown,
+    ));
+    fence.clone().changed_from(false).await;
+    assert!(fence.leads());
+    let mut b = LeaseLock::new(api, "op", "b", duration);
+    assert!(!b.try_acquire_or_renew().await.unwrap());
+
+    // a can no longer reach the API after its first renewal: its term runs
+    // out two thirds of a duration after that renewal was sent, a third of
+    // a duration before b may take over.
+    stored.lock().unwrap().unreachable = true;
+    tokio::time::sleep_until(start + Duration::from_millis(1990)).await;
+    assert!(fence.leads());
+    tokio::time::sleep_until(start + Duration::from_millis(2010)).await;
+    assert!(!fence.leads(), "term still open after 2/3 of the lease");
+    tokio::time::timeout(Duration::from_millis(1), fence.lost())
+        .await
+        .expect("lost() resolves once the term ran out");
+    stored.lock().unwrap().unreachable = false;
+    tokio::time::sleep_until(start + Duration::from_millis(3100)).await;
+    // a renews again at its next round (b has not taken over): a new term.
+    assert!(fence.leads());
+
+    // Now b takes the Lease (a stalled past the duration as far as b can
+    // tell): a sees it at its next round and its term ends there.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    {
+        let mut s = stored.lock().unwrap();
+        let lease = s.lease.as_mut().unwrap();
+        lease["spec"]["holderIdentity"] = json!("b");
+        lease["spec"]["renewTime"] = json!("2030-01-01T00:00:00.000000Z");
+    }
+    tokio::time::timeout(Duration::from_millis(1100), fence.lost())
+        .await
+        .expect("the term ends within a renewal period of the takeover");
+    assert!(!fence.leads());
 }

@@ -7,13 +7,16 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use infergate_crds::{InferenceProvider, ModelRoute};
 use infergate_operator::cache::Stores;
+use infergate_operator::leader::{Fence, Term};
 use infergate_operator::metrics::Metrics;
-use infergate_operator::reconcile::{pass, Context, Memory};
+use infergate_operator::reconcile::{self, pass, Context, Memory, Timing};
+use infergate_operator::Error;
 use infergate_sidecar::serve::{serve, ServeOptions};
 use infergate_sidecar::{admin_app, AppState, Options};
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -138,6 +141,24 @@ async fn sidecar() -> (Arc<AppState>, u16) {
 }
 
 fn context(client: Client, stores: Stores, token_file: &std::path::Path) -> Context {
+    let (term, fence) = leading(Duration::from_secs(3600));
+    // These tests lead throughout: the term outlives them.
+    Box::leak(Box::new(term));
+    context_with(client, stores, token_file, fence)
+}
+
+fn leading(term: Duration) -> (Term, Fence) {
+    let (tx, fence) = Fence::new();
+    tx.send_replace(Some(tokio::time::Instant::now() + term));
+    (tx, fence)
+}
+
+fn context_with(
+    client: Client,
+    stores: Stores,
+    token_file: &std::path::Path,
+    fence: Fence,
+) -> Context {
     Context {
         recorder: Recorder::new(
             client.clone(),
@@ -153,6 +174,7 @@ fn context(client: Client, stores: Stores, token_file: &std::path::Path) -> Cont
         admin_token_file: token_file.to_owned(),
         metrics: Arc::new(Metrics::default()),
         stores,
+        fence,
     }
 }
 
@@ -210,6 +232,20 @@ async fn a_pass_stores_pushes_and_writes_status_once() {
         .find(|(_, p, _)| p.starts_with(cm_path))
         .unwrap();
     assert!(query.contains("fieldManager=infergate-operator") && query.contains("force=true"));
+    // Only the fields the operator owns: Helm owns the chart's labels, and a
+    // forced apply of one breaks the next `helm upgrade` on a real server.
+    assert_eq!(
+        cm["metadata"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["annotations", "name"]
+    );
+    assert_eq!(
+        cm["data"].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["config.json"]
+    );
     let config: Value = serde_json::from_str(cm["data"]["config.json"].as_str().unwrap()).unwrap();
     assert_eq!(config["version"], sidecar.current_version());
     assert_eq!(config["models"].as_array().unwrap().len(), 1);
@@ -284,4 +320,102 @@ async fn a_pass_stores_pushes_and_writes_status_once() {
     assert_eq!(config["version"], sidecar.current_version());
     assert_eq!(config["models"], json!([]));
     let _ = std::fs::remove_file(token_file);
+}
+
+/// An admin port that accepts and never answers: a push to it hangs, as to
+/// a stalled sidecar. Resolves each connection's end (EOF from the client).
+async fn silent_sidecar() -> (u16, tokio::sync::mpsc::UnboundedReceiver<&'static str>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            let _ = tx.send("connected");
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                let _ = tx.send("closed");
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn a_leader_whose_lease_is_taken_mid_pass_writes_nothing_after() {
+    let (port, mut sidecar) = silent_sidecar().await;
+    let token_file = std::env::temp_dir().join(format!("ig-fence-token-{}", std::process::id()));
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let (client, log) = fake_api(HashMap::new());
+    let (term, fence) = leading(Duration::from_secs(60));
+    let ctx = context_with(
+        client,
+        stores(port, vec![route("good", "p", None)], None),
+        &token_file,
+        fence,
+    );
+    let metrics = ctx.metrics.clone();
+    metrics
+        .synced
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let trigger = Arc::new(tokio::sync::Notify::new());
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let timing = Timing {
+        debounce: Duration::from_millis(10),
+        ..Timing::default()
+    };
+    let run = tokio::spawn(reconcile::run(ctx, trigger.clone(), timing, shutdown));
+    trigger.notify_one();
+
+    // The pass stored the config and is now stuck pushing to the sidecar.
+    assert_eq!(sidecar.recv().await, Some("connected"));
+    let before = writes(&log);
+    assert!(
+        before
+            .iter()
+            .any(|(m, p, _)| m == "PATCH" && p.contains("/configmaps/")),
+        "{before:?}"
+    );
+    assert!(!before.iter().any(|(_, p, _)| p.ends_with("/status")));
+
+    // Another replica takes the Lease: the pass is cancelled where it
+    // stands (its push connection is dropped) and writes nothing more.
+    term.send_replace(None);
+    let closed = tokio::time::timeout(Duration::from_secs(5), sidecar.recv()).await;
+    assert_eq!(closed, Ok(Some("closed")), "the push was not cancelled");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(writes(&log), vec![], "a deposed leader wrote");
+    let text = metrics.encode();
+    assert!(
+        text.contains("infergate_operator_reconcile_failures_total{error=\"not_leader\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("infergate_operator_leader 0"), "{text}");
+    run.abort();
+    let _ = std::fs::remove_file(token_file);
+}
+
+#[tokio::test]
+async fn a_term_that_ran_out_fences_every_write() {
+    let (_sidecar, port) = sidecar().await;
+    let (client, log) = fake_api(HashMap::new());
+    // Renewed last 20 s ago with a 10 s term: no write may go out, even
+    // before the leader task notices.
+    let (tx, fence) = Fence::new();
+    let expired = tokio::time::Instant::now()
+        .checked_sub(Duration::from_secs(10))
+        .unwrap();
+    tx.send_replace(Some(expired));
+    let ctx = context_with(
+        client,
+        stores(port, vec![route("good", "p", None)], None),
+        std::path::Path::new("/nonexistent-token"),
+        fence,
+    );
+    let err = pass(&ctx, &mut Memory::default()).await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader), "{err}");
+    assert_eq!(writes(&log), vec![]);
 }

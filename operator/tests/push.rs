@@ -67,7 +67,10 @@ async fn pushes_only_where_the_version_differs_and_reports_refusals() {
         TOKEN,
     )
     .await;
-    assert_eq!(first, vec![Pushed::Applied, Pushed::Applied]);
+    assert_eq!(
+        first,
+        vec![Pushed::Applied(vec![]), Pushed::Applied(vec![])]
+    );
     assert_eq!(b.current_version(), rendered.version);
 
     let again = push_all(
@@ -78,7 +81,10 @@ async fn pushes_only_where_the_version_differs_and_reports_refusals() {
         TOKEN,
     )
     .await;
-    assert_eq!(again, vec![Pushed::Current, Pushed::Current]);
+    assert_eq!(
+        again,
+        vec![Pushed::Current(vec![]), Pushed::Current(vec![])]
+    );
 
     // A config the sidecar refuses: the refusal's message comes back.
     let mut broken = rendered.config.clone();

@@ -41,7 +41,20 @@ async fn get_config(
     let table = s.table.load();
     let mut config = (*table.config).clone();
     config.version = Some(table.version.clone());
-    Ok(Json(config).into_response())
+    Ok((unavailable_header(&table), Json(config)).into_response())
+}
+
+/// Backend ids left out of routing, for the operator's status: a header, so
+/// the config body stays exactly what was put.
+pub const UNAVAILABLE_HEADER: &str = "x-infergate-unavailable-backends";
+
+fn unavailable_header(table: &crate::table::Table) -> [(&'static str, String); 1] {
+    let ids: Vec<&str> = table
+        .unavailable
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .collect();
+    [(UNAVAILABLE_HEADER, ids.join(","))]
 }
 
 async fn put_config(
@@ -64,7 +77,17 @@ async fn put_config(
     let version = parsed
         .and_then(|c| s.swap(c))
         .map_err(|e| ApiError::invalid(format!("config rejected: {e}"), None))?;
-    Ok(Json(json!({"version": version})).into_response())
+    let table = s.table.load();
+    let unavailable: Vec<_> = table
+        .unavailable
+        .iter()
+        .map(|(id, reason)| json!({"id": id, "reason": reason}))
+        .collect();
+    Ok((
+        unavailable_header(&table),
+        Json(json!({"version": version, "unavailableBackends": unavailable})),
+    )
+        .into_response())
 }
 
 async fn put_log_level(

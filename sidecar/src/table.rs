@@ -22,6 +22,10 @@ pub struct Table {
     models: HashMap<String, Arc<Route>>,
     pub backends: HashMap<String, Arc<Backend>>,
     pub limits: Limits,
+    /// Backends left out of routing, with why (e.g. an upstream key file
+    /// that cannot be read): one bad backend must not block the whole config,
+    /// or a leaked key could not be revoked while it lasts.
+    pub unavailable: Vec<(String, String)>,
 }
 
 pub struct KeyEntry {
@@ -157,6 +161,7 @@ impl Table {
         config.validate()?;
         let version = config.effective_version();
         let mut backends = HashMap::new();
+        let mut unavailable = Vec::new();
         for b in &config.backends {
             let timeouts = b.timeouts.unwrap_or_default().over(config.timeouts);
             let old = previous
@@ -168,11 +173,14 @@ impl Table {
                 None => upstream_client(timeouts.connect_ms)
                     .map_err(|e| ConfigError::Invalid(format!("backends[{}]: {e}", b.id)))?,
             };
-            let api_key = match &b.api_key_file {
+            let api_key = match b.api_key_file.as_deref().map(read_api_key) {
                 None => None,
-                Some(path) => Some(read_api_key(path).map_err(|e| {
-                    ConfigError::Invalid(format!("backends[{}]: apiKeyFile: {e}", b.id))
-                })?),
+                Some(Ok(key)) => Some(key),
+                Some(Err(e)) => {
+                    tracing::warn!(backend = %b.id, reason = %e, "backend unavailable: apiKeyFile");
+                    unavailable.push((b.id.clone(), format!("apiKeyFile: {e}")));
+                    continue;
+                }
             };
             backends.insert(
                 b.id.clone(),
@@ -199,10 +207,14 @@ impl Table {
             let targets: Vec<RouteTarget> = m
                 .targets
                 .iter()
-                .map(|t| RouteTarget {
-                    backend: backends[&t.backend].clone(),
-                    upstream_model: t.upstream_model.clone().unwrap_or_else(|| m.name.clone()),
-                    weight: t.weight,
+                // validate() checked every target names a backend: one not
+                // built is unavailable.
+                .filter_map(|t| {
+                    Some(RouteTarget {
+                        backend: backends.get(&t.backend)?.clone(),
+                        upstream_model: t.upstream_model.clone().unwrap_or_else(|| m.name.clone()),
+                        weight: t.weight,
+                    })
                 })
                 .collect();
             let route = Arc::new(Route {
@@ -259,6 +271,7 @@ impl Table {
             keys,
             models,
             backends,
+            unavailable,
         })
     }
 
@@ -302,6 +315,36 @@ fn read_api_key(path: &str) -> Result<HeaderValue, String> {
 mod tests {
     use super::*;
     use crate::config::hash_key;
+
+    #[test]
+    fn an_unreadable_key_file_leaves_out_that_backend_only() {
+        let good = std::env::temp_dir().join(format!("ig-upstream-key-{}", std::process::id()));
+        std::fs::write(&good, "up-key\n").unwrap();
+        let config = GatewayConfig::from_yaml(&format!(
+            r#"
+backends:
+  - {{ id: ok, url: "http://a", apiKeyFile: "{}" }}
+  - {{ id: bad, url: "http://b", apiKeyFile: "/nonexistent/infergate/key" }}
+models:
+  - {{ name: m, targets: [{{ backend: ok }}, {{ backend: bad }}] }}
+"#,
+            good.display()
+        ))
+        .unwrap();
+        let t = Table::build(config, None).unwrap();
+        assert_eq!(t.unavailable.len(), 1);
+        assert_eq!(t.unavailable[0].0, "bad");
+        assert!(t.unavailable[0].1.starts_with("apiKeyFile: cannot read"));
+        let route = t.models.get("m").unwrap();
+        let ids: Vec<&str> = route
+            .targets
+            .iter()
+            .map(|t| t.backend.id.as_str())
+            .collect();
+        assert_eq!(ids, ["ok"]);
+        assert!(t.backends["ok"].api_key.is_some());
+        let _ = std::fs::remove_file(good);
+    }
 
     fn config(url: &str) -> GatewayConfig {
         GatewayConfig::from_yaml(&format!(

@@ -103,3 +103,18 @@ def client(stack):
     from openai import OpenAI
 
     return OpenAI(base_url=stack.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def real_testbed():
+    """The mark for tests that need the real kube-apiserver testbed
+    (INFERGATE_TESTBED, with KUBECTL and INFERGATE_HELM from
+    scripts/k8s-testbed env): they run when it is there, fail when
+    INFERGATE_KUBE_TESTS=1 demands it (scripts/test), and are skipped with a
+    loud reason otherwise (pytest -rs prints it)."""
+    missing = [v for v in ("INFERGATE_TESTBED", "KUBECTL", "INFERGATE_HELM") if not os.environ.get(v)]
+    if missing and os.environ.get("INFERGATE_KUBE_TESTS") == "1":
+        raise RuntimeError(f"INFERGATE_KUBE_TESTS=1 but {', '.join(missing)} unset")
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"SKIPPED: no real kube-apiserver testbed ({', '.join(missing)} unset); scripts/test runs these",
+    )

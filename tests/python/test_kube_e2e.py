@@ -1,9 +1,10 @@
 """End to end as a platform team and an application team use it.
 
-A Kubernetes API (a real kube-apiserver when INFERGATE_TESTBED names a
-running testbed, else the kube-standin process), the generated CRDs and the
-README's example manifests applied with kubectl, the operator, and two
-"pods" on their own loopback addresses, each a vllm-sim with an
+A real kube-apiserver (the running testbed INFERGATE_TESTBED names;
+scripts/test starts it), the generated CRDs and the README's example
+manifests applied with kubectl, the operator running as the chart's
+ServiceAccount, and two "pods", each a network namespace with its own
+address (tests/python/podnet.py) running a vllm-sim with an
 infergate-sidecar beside it (no kubelet here, so the test writes the Pod
 and EndpointSlice objects a kubelet and the endpoint controller would).
 Then the openai SDK streams through a sidecar, the signature verifies, a
@@ -27,7 +28,8 @@ from eth_account.messages import encode_defunct
 from nacl.signing import SigningKey
 from openai import OpenAI
 
-from conftest import BIN, ROOT, Proc
+from conftest import BIN, ROOT, Proc, real_testbed
+from podnet import PodNet
 
 NS = "e2e"
 TOKEN = "e2e-admin-token-0123456789abcdef"
@@ -39,10 +41,7 @@ HELM = os.environ.get("INFERGATE_HELM")
 OPERATOR_SA = "ig-infergate-operator"
 OPERATOR_USER = f"system:serviceaccount:{NS}:{OPERATOR_SA}"
 
-pytestmark = pytest.mark.skipif(
-    not (KUBECTL and HELM),
-    reason="KUBECTL or INFERGATE_HELM unset: scripts/test sets them after scripts/k8s-testbed install",
-)
+pytestmark = real_testbed()
 
 
 def example_key():
@@ -53,19 +52,8 @@ def example_key():
 class Cluster:
     def __init__(self, tmp):
         self.tmp = tmp
-        self.standin = None
-        testbed = os.environ.get("INFERGATE_TESTBED")
-        if testbed:
-            self.kubeconfig = Path(testbed) / "kubeconfig"
-            self.validate = "--validate=strict"
-        else:
-            self.kubeconfig = tmp / "kubeconfig"
-            self.standin = Proc(
-                [str(BIN / "kube-standin"), "--kubeconfig", str(self.kubeconfig), "--rbac"],
-                r"listening on (http://\S+)",
-            )
-            # The stand-in serves no OpenAPI schemas to validate against.
-            self.validate = "--validate=false"
+        self.kubeconfig = Path(os.environ["INFERGATE_TESTBED"]) / "kubeconfig"
+        self.validate = "--validate=strict"
         self.env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
                         KUBECACHEDIR=str(tmp / "kubecache"))
 
@@ -87,17 +75,13 @@ class Cluster:
     def operator_kubeconfig(self):
         """The admin kubeconfig impersonating the chart's operator
         ServiceAccount, so the operator runs with exactly the chart's RBAC
-        (a real API server and kube-standin --rbac both evaluate it)."""
+        (the API server evaluates it)."""
         text = self.kubeconfig.read_text()
         text, n = re.subn(r"(\n  user:\n)", rf"\1    as: {OPERATOR_USER}\n", text)
         assert n == 1, text
         path = self.tmp / "operator.kubeconfig"
         path.write_text(text)
         return path
-
-    def stop(self):
-        if self.standin:
-            self.standin.stop()
 
 
 def until(what, check, timeout=40):
@@ -119,6 +103,7 @@ def deployment():
     tmp = Path(tempfile.mkdtemp(prefix="infergate-e2e-"))
     cluster = Cluster(tmp)
     procs = []
+    net = None
     try:
         cluster.apply(ROOT / "crds")
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
@@ -146,22 +131,23 @@ def deployment():
         (tmp / "ecdsa").write_text(os.urandom(32).hex())
         (tmp / "ed25519").write_text(os.urandom(32).hex())
 
-        base = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}"
-        ips = [f"{base}.2", f"{base}.3"]
+        net = PodNet(2)
+        ips = net.addresses
         sidecars = []
         for i, ip in enumerate(ips):
             procs.append(Proc(
-                [str(BIN / "vllm-sim"), "--listen", f"{ip}:8000", "--id", f"pod-{i}",
-                 "--model", UPSTREAM, "--tokens", "12"],
+                net.run_in(i, [str(BIN / "vllm-sim"), "--listen", f"{ip}:8000", "--id", f"pod-{i}",
+                               "--model", UPSTREAM, "--tokens", "12"]),
                 r"listening on (http://\S+)",
             ))
             sc = Proc(
-                [str(BIN / "infergate-sidecar"),
-                 "--config", str(tmp / "config.json"),  # absent: the ConfigMap not yet mounted
-                 "--listen", f"{ip}:8080", "--admin-listen", f"{ip}:9090",
-                 "--admin-token-file", str(tmp / "token"),
-                 "--ecdsa-key-file", str(tmp / "ecdsa"), "--ed25519-key-file", str(tmp / "ed25519"),
-                 "--self-url", f"http://{ip}:8080"],
+                net.run_in(i, [
+                    str(BIN / "infergate-sidecar"),
+                    "--config", str(tmp / "config.json"),  # absent: the ConfigMap not yet mounted
+                    "--listen", f"{ip}:8080", "--admin-listen", f"{ip}:9090",
+                    "--admin-token-file", str(tmp / "token"),
+                    "--ecdsa-key-file", str(tmp / "ecdsa"), "--ed25519-key-file", str(tmp / "ed25519"),
+                    "--self-url", f"http://{ip}:8080"]),
                 r"public=(http://\S+) admin=(http://\S+)",
             )
             sc.url, sc.admin_url, sc.ip = sc.match.group(1), sc.match.group(2), ip
@@ -210,7 +196,8 @@ def deployment():
             operator.wait(10)
         for p in reversed(procs):
             p.stop()
-        cluster.stop()
+        if net:
+            net.down()
 
 
 def configs(sidecars):

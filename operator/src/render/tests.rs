@@ -170,3 +170,65 @@ fn services_render_to_cluster_dns_and_deleted_objects_disappear() {
         .iter()
         .all(|b| !b.id.starts_with("ai/pods")));
 }
+
+#[test]
+fn a_provider_that_lists_its_models_is_used_only_for_those() {
+    let mut i = inputs();
+    i.providers.get_mut(&key("ai", "ext")).unwrap().models = vec!["gpt-4o".into()];
+    let mut served = route("gpt", &["ext"]);
+    served.backends[0].upstream_model = Some("gpt-4o".into());
+    i.routes.insert(key("ai", "gpt"), served);
+    // Asks `ext` for a model it does not list, and `pods` (no list) for it.
+    i.routes
+        .insert(key("ai", "mixed"), route("claude", &["ext", "pods"]));
+    let r = render(&i);
+    r.config.validate().unwrap();
+    assert!(r.routes[&key("ai", "gpt")].unserved.is_empty());
+    assert_eq!(r.routes[&key("ai", "gpt")].resolved_backends, 1);
+    let mixed = &r.routes[&key("ai", "mixed")];
+    assert_eq!(mixed.unserved, ["ext: claude"]);
+    assert_eq!(mixed.resolved_backends, 2);
+    let targets: Vec<&str> = r
+        .config
+        .models
+        .iter()
+        .find(|m| m.name == "claude")
+        .unwrap()
+        .targets
+        .iter()
+        .map(|t| t.backend.as_str())
+        .collect();
+    assert_eq!(targets, ["ai/pods/10.0.0.1", "ai/pods/10.0.0.2"]);
+}
+
+#[test]
+fn key_limits_are_rendered_as_each_sidecars_share() {
+    let mut i = inputs();
+    i.limits.insert(
+        "team-a".into(),
+        KeyLimits {
+            requests_per_minute: 600,
+            concurrent_requests: 5,
+            tokens_per_minute: 0,
+        },
+    );
+    i.sidecars = 2;
+    let r = render(&i);
+    r.config.validate().unwrap();
+    assert_eq!(
+        r.config.keys[0].limits,
+        Some(KeyLimits {
+            requests_per_minute: 300,
+            concurrent_requests: 3,
+            tokens_per_minute: 0,
+        })
+    );
+    i.sidecars = 0;
+    assert_eq!(
+        render(&i).config.keys[0]
+            .limits
+            .unwrap()
+            .requests_per_minute,
+        600
+    );
+}

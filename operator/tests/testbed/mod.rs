@@ -1,12 +1,13 @@
-//! The Kubernetes API for the operator's integration tests, and the local
-//! processes (operator, sidecars) that stand in for pods, since no kubelet
-//! runs here.
+//! A real kube-apiserver (with etcd) for the operator's integration tests,
+//! and the local processes (operator, sidecars) that stand in for pods,
+//! since no kubelet runs here.
 //!
-//! With `INFERGATE_KUBE_TESTS=1` the tests use a real kube-apiserver: the
-//! testbed in `INFERGATE_TESTBED` (a directory holding `kubeconfig`), or
-//! one started by `scripts/k8s-testbed start DIR`, and fail loudly if
-//! neither works. Otherwise they use the in-process stand-in API server
-//! (`tests/kube-standin`), so `cargo test` runs them everywhere.
+//! Which API server: the running testbed in `INFERGATE_TESTBED` (a
+//! directory holding `kubeconfig`; `scripts/test` starts one for the whole
+//! run), else one started here by `scripts/k8s-testbed start` when
+//! `scripts/k8s-testbed install` has built kube-apiserver and installed
+//! etcd. Without either the test prints a loud SKIPPED line and returns;
+//! with `INFERGATE_KUBE_TESTS=1` (as in `scripts/test`) it fails instead.
 
 #![allow(dead_code)] // each test binary uses a different part
 
@@ -53,82 +54,71 @@ fn script() -> PathBuf {
 
 static SHARED: Mutex<Weak<Testbed>> = Mutex::new(Weak::new());
 
-/// The testbed every test in this binary shares.
-pub fn testbed(test: &str) -> Arc<Testbed> {
+/// The testbed every test in this binary shares, or `None` (after a
+/// SKIPPED line on stderr) when no real API server can run here.
+pub fn testbed(test: &str) -> Option<Arc<Testbed>> {
     let mut shared = SHARED.lock().unwrap();
     if let Some(tb) = shared.upgrade() {
-        return tb;
+        return Some(tb);
     }
-    let real = std::env::var("INFERGATE_KUBE_TESTS").as_deref() == Ok("1");
-    let tb = Arc::new(if real {
-        real_testbed()
-    } else {
-        // Straight to stderr: the harness captures `eprintln!` of passing
-        // tests, and which API a test ran against must be seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "{test}: against the in-process stand-in API server \
-             (INFERGATE_KUBE_TESTS=1 uses a real kube-apiserver)"
-        );
-        standin_testbed()
-    });
+    let required = std::env::var("INFERGATE_KUBE_TESTS").as_deref() == Ok("1");
+    let tb = match std::env::var_os("INFERGATE_TESTBED") {
+        Some(dir) => Testbed {
+            dir: dir.into(),
+            started_here: false,
+        },
+        None if can_start() => start_testbed(),
+        None => {
+            assert!(
+                !required,
+                "{test}: INFERGATE_KUBE_TESTS=1 but no kube-apiserver and etcd here \
+                 (run scripts/k8s-testbed install)"
+            );
+            // Straight to stderr: the harness captures `eprintln!` of passing
+            // tests, and a test that did not run must be seen.
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n!! SKIPPED {test}: no real kube-apiserver + etcd here. \
+                 `scripts/k8s-testbed install` builds one; scripts/test runs this test.\n"
+            );
+            return None;
+        }
+    };
+    let tb = Arc::new(tb);
     assert!(
         tb.kubeconfig().is_file(),
         "no kubeconfig in the testbed dir {:?}",
         tb.dir
     );
     *shared = Arc::downgrade(&tb);
-    tb
+    Some(tb)
 }
 
-fn real_testbed() -> Testbed {
-    match std::env::var_os("INFERGATE_TESTBED") {
-        Some(dir) => Testbed {
-            dir: dir.into(),
-            started_here: false,
-        },
-        None => {
-            let dir = scratch_dir("testbed");
-            let status = Command::new(script())
-                .arg("start")
-                .arg(&dir)
-                .status()
-                .unwrap_or_else(|e| {
-                    panic!("INFERGATE_KUBE_TESTS=1 but {:?} cannot run: {e}", script())
-                });
-            assert!(
-                status.success(),
-                "scripts/k8s-testbed start failed: {status}"
-            );
-            Testbed {
-                dir,
-                started_here: true,
-            }
-        }
-    }
+/// kube-apiserver where `scripts/k8s-testbed` looks for it, and etcd.
+fn can_start() -> bool {
+    let apiserver = std::env::var_os("KUBE_APISERVER").map_or_else(
+        || repo_root().join(".testbed/bin/kube-apiserver"),
+        PathBuf::from,
+    );
+    let etcd = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join("etcd").is_file()));
+    apiserver.is_file() && etcd
 }
 
-/// The stand-in runs on a thread of its own, so it outlives each test's
-/// runtime; it ends with the test process.
-fn standin_testbed() -> Testbed {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            tx.send(kube_standin::start().await).unwrap();
-            std::future::pending::<()>().await
-        });
-    });
-    let url = rx.recv().unwrap();
-    let dir = scratch_dir("standin");
-    std::fs::write(dir.join("kubeconfig"), kube_standin::kubeconfig(&url)).unwrap();
+fn start_testbed() -> Testbed {
+    let dir = scratch_dir("testbed");
+    let status = Command::new(script())
+        .arg("start")
+        .arg(&dir)
+        .status()
+        .unwrap_or_else(|e| panic!("{:?} cannot run: {e}", script()));
+    assert!(
+        status.success(),
+        "scripts/k8s-testbed start failed: {status}"
+    );
     Testbed {
         dir,
-        started_here: false,
+        started_here: true,
     }
 }
 
