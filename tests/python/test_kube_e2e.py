@@ -128,6 +128,8 @@ def deployment():
 
         # Signing keys shared by the replicas, as the chart mounts them.
         (tmp / "token").write_text(TOKEN)
+        # What the chart mounts from its admin-token Secret (key `peer`).
+        (tmp / "peer").write_text(os.urandom(24).hex())
         (tmp / "ecdsa").write_text(os.urandom(32).hex())
         (tmp / "ed25519").write_text(os.urandom(32).hex())
 
@@ -147,7 +149,8 @@ def deployment():
                     "--listen", f"{ip}:8080", "--admin-listen", f"{ip}:9090",
                     "--admin-token-file", str(tmp / "token"),
                     "--ecdsa-key-file", str(tmp / "ecdsa"), "--ed25519-key-file", str(tmp / "ed25519"),
-                    "--self-url", f"http://{ip}:8080"]),
+                    "--self-url", f"http://{ip}:8080",
+                    "--peer-secret-file", str(tmp / "peer")]),
                 r"public=(http://\S+) admin=(http://\S+)",
             )
             sc.url, sc.admin_url, sc.ip = sc.match.group(1), sc.match.group(2), ip
