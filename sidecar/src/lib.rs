@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod peers;
 pub mod proxy;
 pub mod quota;
+pub mod reload;
 pub mod responses;
 pub mod serve;
 pub mod sim;
