@@ -20,12 +20,18 @@ fn modified() -> Vec<SystemTime> {
 fn help_prints_usage_and_writes_nothing() {
     let before = modified();
     for flag in ["--help", "-h"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_crdgen")).arg(flag).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_crdgen"))
+            .arg(flag)
+            .output()
+            .unwrap();
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         assert!(text.starts_with("usage: crdgen [--check]"), "{text}");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_crdgen")).arg("--chek").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crdgen"))
+        .arg("--chek")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown argument \"--chek\""));
     assert_eq!(before, modified(), "crdgen rewrote CRD files");

@@ -129,7 +129,11 @@ impl Delta {
 impl fmt::Display for Delta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.total)?;
-        for (sign, names) in [("+", &self.added), ("-", &self.removed), ("~", &self.changed)] {
+        for (sign, names) in [
+            ("+", &self.added),
+            ("-", &self.removed),
+            ("~", &self.changed),
+        ] {
             if !names.is_empty() {
                 write!(f, " {sign}[{}]", names.join(","))?;
             }
@@ -193,7 +197,10 @@ mod tests {
     #[test]
     fn empty_and_comment_only_files_are_empty_not_a_config() {
         for text in ["", "\n\n", "   ", "# just a comment\n# another\n", "---\n"] {
-            assert!(matches!(parse_file(text).unwrap(), FileConfig::Empty), "{text:?}");
+            assert!(
+                matches!(parse_file(text).unwrap(), FileConfig::Empty),
+                "{text:?}"
+            );
         }
     }
 
@@ -216,11 +223,17 @@ mod tests {
             "",
         ));
         let err = check_reload(&old, &no_keys, false).unwrap_err();
-        assert!(err.contains("every key (1)") && err.contains("allowEmpty: true"), "{err}");
+        assert!(
+            err.contains("every key (1)") && err.contains("allowEmpty: true"),
+            "{err}"
+        );
         assert!(check_reload(&old, &no_keys, true).is_ok());
         let (bare, _) = config("backends: []\n");
         let err = check_reload(&old, &bare, false).unwrap_err();
-        assert!(err.contains("every key") && err.contains("every model route"), "{err}");
+        assert!(
+            err.contains("every key") && err.contains("every model route"),
+            "{err}"
+        );
         // Nothing to remove: a first config, or one that had no keys.
         assert!(check_reload(&GatewayConfig::default(), &bare, false).is_ok());
         assert!(check_reload(&old, &old, false).is_ok());

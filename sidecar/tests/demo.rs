@@ -33,7 +33,10 @@ fn banner(child: &mut Child) -> Vec<String> {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     loop {
         let mut line = String::new();
-        assert!(out.read_line(&mut line).unwrap() > 0, "demo ended: {lines:?}");
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "demo ended: {lines:?}"
+        );
         let done = line.contains("listening public=");
         lines.push(line.trim_end().to_owned());
         if done {
@@ -67,20 +70,29 @@ async fn demo_honours_its_flags_prints_every_port_and_serves() {
     let _running = Running(child);
     let gateway = address_of(&lines, "gateway");
     let admin = address_of(&lines, "admin");
-    for addr in [&gateway, &admin, &address_of(&lines, "vllm-0"), &address_of(&lines, "vllm-1")] {
+    for addr in [
+        &gateway,
+        &admin,
+        &address_of(&lines, "vllm-0"),
+        &address_of(&lines, "vllm-1"),
+    ] {
         assert!(
             addr.starts_with("http://127.0.0.1:") && !addr.ends_with(":0"),
             "{addr}"
         );
     }
     // The curl line it prints points at the port it really uses.
-    assert!(lines.iter().any(|l| l.contains(&format!("curl -sN {gateway}/v1/chat/completions"))));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains(&format!("curl -sN {gateway}/v1/chat/completions"))));
 
     let client = reqwest::Client::new();
     let resp = client
         .post(format!("{gateway}/v1/chat/completions"))
         .bearer_auth(DEMO_KEY)
-        .json(&serde_json::json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}))
+        .json(
+            &serde_json::json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}),
+        )
         .send()
         .await
         .unwrap();
@@ -107,11 +119,19 @@ fn a_busy_port_is_named_in_the_error() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "demo kept running on a busy port");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo kept running on a busy port"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!status.success());
     assert!(
         err.contains(&format!("port {} is busy", addr.port())) && err.contains("--listen"),

@@ -73,7 +73,11 @@ impl Sidecar {
         loop {
             let log = self.log();
             if count(&log) > before {
-                let line = log.lines().rev().find(|l| l.contains("config file")).unwrap();
+                let line = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("config file"))
+                    .unwrap();
                 return line.to_owned();
             }
             assert!(Instant::now() < deadline, "no reload logged for {text:?}");
@@ -136,18 +140,27 @@ async fn removing_every_key_or_route_needs_allow_empty() {
     assert_eq!(sc.chat_status().await, 200);
 
     let no_keys = full.replace(
-        &format!("  - {{ id: team-reload, sha256: \"{}\" }}\n", hash_key(SECRET_KEY)),
+        &format!(
+            "  - {{ id: team-reload, sha256: \"{}\" }}\n",
+            hash_key(SECRET_KEY)
+        ),
         "",
     );
     let no_keys = no_keys.replace("keys:\n", "keys: []\n");
     let line = sc.edit(&no_keys).await;
-    assert!(line.contains("rejected") && line.contains("every key (1)"), "{line}");
+    assert!(
+        line.contains("rejected") && line.contains("every key (1)"),
+        "{line}"
+    );
     assert!(line.contains("allowEmpty: true"), "{line}");
     assert_eq!(sc.chat_status().await, 200);
 
     let no_routes = "backends: []\n# keys and models gone\n";
     let line = sc.edit(no_routes).await;
-    assert!(line.contains("every key") && line.contains("every model route"), "{line}");
+    assert!(
+        line.contains("every key") && line.contains("every model route"),
+        "{line}"
+    );
     assert_eq!(sc.chat_status().await, 200);
 
     // Said explicitly: applied, and the log says what went.
@@ -166,7 +179,10 @@ async fn each_reload_logs_what_changed_by_id() {
     let sc = Sidecar::start("reload-diff", &yaml(&sim.url, ""));
     let more = "  - { name: m2, aliases: [two], targets: [{ backend: b0 }] }\n";
     let line = sc.edit(&yaml(&sim.url, more)).await;
-    assert!(line.contains("config file reloaded") && line.contains("version"), "{line}");
+    assert!(
+        line.contains("config file reloaded") && line.contains("version"),
+        "{line}"
+    );
     assert!(
         line.contains("keys 1; models 2 +[m2]; backends 1"),
         "{line}"

@@ -164,8 +164,12 @@ mod tests {
         assert!(is_hypers_431(hyper));
         // An upstream's 431 (or any other response) has more headers or a body.
         assert!(!is_hypers_431(b"HTTP/1.1 431 Too Large\r\ncontent-type: application/json\r\ncontent-length: 2\r\ndate: x\r\n\r\n{}"));
-        assert!(!is_hypers_431(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: x\r\n\r\n"));
-        assert!(!is_hypers_431(b"HTTP/1.1 431 X\r\ncontent-length: 5\r\ndate: x\r\n\r\n"));
+        assert!(!is_hypers_431(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: x\r\n\r\n"
+        ));
+        assert!(!is_hypers_431(
+            b"HTTP/1.1 431 X\r\ncontent-length: 5\r\ndate: x\r\n\r\n"
+        ));
         assert!(!is_hypers_431(b"data: HTTP/1.1 431 "));
     }
 
