@@ -3,8 +3,8 @@
 //! wrapper swaps exactly that response for the same status with an OpenAI
 //! error body, so every error a client gets has one shape.
 //!
-//! It recognises hyper's response by shape: status 431 with only
-//! `content-length: 0` and `date`. Handlers never produce 431, and anything
+//! It recognises hyper's response by shape: status 431 with no headers but
+//! `content-length: 0`, `date` and `connection: close`. Handlers never produce 431, and anything
 //! an upstream sends carries more headers, so nothing else is touched. The
 //! check looks at the first bytes of a write only, so the per-chunk cost on
 //! streams is one comparison.
@@ -35,7 +35,7 @@ impl<T> HeaderLimitIo<T> {
     }
 }
 
-/// hyper's own 431 head: status line, `content-length: 0`, `date`, nothing else.
+/// hyper's own 431 head: status line and only the headers hyper adds itself.
 fn is_hypers_431(head: &[u8]) -> bool {
     let Some(rest) = head
         .strip_prefix(b"HTTP/1.1 431 ")
@@ -46,16 +46,22 @@ fn is_hypers_431(head: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(rest) else {
         return false;
     };
-    let Some((head, _)) = text.split_once("\r\n\r\n") else {
+    let Some((head, "")) = text.split_once("\r\n\r\n") else {
         return false;
     };
-    let mut names: Vec<String> = head
-        .split("\r\n")
-        .skip(1)
-        .filter_map(|l| l.split_once(':').map(|(n, _)| n.to_ascii_lowercase()))
-        .collect();
-    names.sort();
-    names == ["content-length", "date"] && head.to_ascii_lowercase().contains("content-length: 0")
+    // What hyper adds to an automatic response: the length, the date, and
+    // `connection: close` as it closes after a parse error.
+    head.split("\r\n").skip(1).all(|line| {
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => value.trim() == "0",
+            "date" => true,
+            "connection" => value.trim().eq_ignore_ascii_case("close"),
+            _ => false,
+        }
+    })
 }
 
 fn response(limit: usize) -> Vec<u8> {
@@ -162,6 +168,8 @@ mod tests {
     fn only_hypers_bare_431_is_recognised() {
         let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Thu, 03 Dec 2026 19:00:00 GMT\r\n\r\n";
         assert!(is_hypers_431(hyper));
+        let closing = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        assert!(is_hypers_431(closing));
         // An upstream's 431 (or any other response) has more headers or a body.
         assert!(!is_hypers_431(b"HTTP/1.1 431 Too Large\r\ncontent-type: application/json\r\ncontent-length: 2\r\ndate: x\r\n\r\n{}"));
         assert!(!is_hypers_431(
