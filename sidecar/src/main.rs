@@ -137,6 +137,9 @@ fn init_tracing(json: bool) -> LogLevelSetter {
 }
 
 async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()> {
+    // Taken before the first read, so an edit made while starting up is
+    // seen by the watcher rather than missed.
+    let seen = args.config.as_deref().and_then(digest);
     let config = match &args.config {
         // A ConfigMap volume marked optional has no file until the operator
         // writes it: start empty (not ready) and pick it up when it appears.
@@ -180,7 +183,7 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
     };
     let state = AppState::new(config, options)?;
     if let Some(path) = args.config.clone() {
-        tokio::spawn(watch(state.clone(), path));
+        tokio::spawn(watch(state.clone(), path, seen));
     }
     run(state, args.listen, args.admin_listen).await
 }
@@ -191,11 +194,15 @@ fn load(path: &Path) -> anyhow::Result<FileConfig> {
     reload::parse_file(&text).with_context(|| format!("config {}", path.display()))
 }
 
+type FileDigest = sha2::digest::Output<Sha256>;
+
+fn digest(path: &Path) -> Option<FileDigest> {
+    std::fs::read(path).ok().map(Sha256::digest)
+}
+
 /// Poll rather than inotify: ConfigMap volumes swap a symlink, which
 /// file-event watchers miss; one read a second costs nothing.
-async fn watch(state: Arc<AppState>, path: PathBuf) {
-    let digest = |p: &Path| std::fs::read(p).ok().map(Sha256::digest);
-    let mut last = digest(&path);
+async fn watch(state: Arc<AppState>, path: PathBuf, mut last: Option<FileDigest>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;

@@ -68,7 +68,10 @@ impl Sidecar {
     async fn edit(&self, text: &str) -> String {
         let count = |log: &str| log.matches("config file").count();
         let before = count(&self.log());
-        std::fs::write(self.dir.join("config.yaml"), text).unwrap();
+        // Write and rename, so the poll never sees a half-written file.
+        let tmp = self.dir.join("config.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.join("config.yaml")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let log = self.log();
