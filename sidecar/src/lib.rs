@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod peers;
 pub mod proxy;
 pub mod quota;
+pub mod reload;
 pub mod responses;
 pub mod serve;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -10,13 +10,20 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use infergate_sidecar::attest::Signer;
 use infergate_sidecar::config::GatewayConfig;
+use infergate_sidecar::reload::{self, FileConfig};
 use infergate_sidecar::serve::{self, ServeOptions};
 use infergate_sidecar::{admin_app, app, AppState, LogLevelSetter, Options, TeeSource};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(version, about = "infergate gateway sidecar")]
+// Top-level serving flags do not apply to `demo` (it has its own): refuse
+// them there instead of ignoring them.
+#[command(
+    version,
+    about = "infergate gateway sidecar",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -27,7 +34,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run with the bundled example config and two built-in vLLM simulators.
-    Demo,
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Public listener (OpenAI API); port 0 picks a free one.
+    #[arg(long, env = "INFERGATE_DEMO_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Admin listener (metrics, health); port 0 picks a free one.
+    #[arg(
+        long,
+        env = "INFERGATE_DEMO_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    admin_listen: SocketAddr,
 }
 
 #[derive(clap::Args)]
@@ -99,20 +120,24 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Some(Command::Demo) => demo().await,
+            Some(Command::Demo(args)) => demo(args).await,
             None => start(cli.serve, log_level).await,
         }
     })
 }
 
 /// Logs go to stderr (stdout carries the listening line and usage records);
-/// the filter can be changed later through the admin port.
+/// the filter can be changed later through the admin port. Colour only on a
+/// terminal: log files and pipes get plain text.
 fn init_tracing(json: bool) -> LogLevelSetter {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{fmt, reload, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let layer = fmt::layer().with_writer(std::io::stderr);
+    let layer = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry.with(layer.json()).init();
@@ -126,6 +151,9 @@ fn init_tracing(json: bool) -> LogLevelSetter {
 }
 
 async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()> {
+    // Taken before the first read, so an edit made while starting up is
+    // seen by the watcher rather than missed.
+    let seen = args.config.as_deref().and_then(digest);
     let config = match &args.config {
         // A ConfigMap volume marked optional has no file until the operator
         // writes it: start empty (not ready) and pick it up when it appears.
@@ -133,7 +161,13 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
             tracing::warn!(path = %path.display(), "config file absent; waiting for it");
             None
         }
-        Some(path) => Some(load(path)?),
+        Some(path) => match load(path)? {
+            FileConfig::Config { config, .. } => Some(config),
+            FileConfig::Empty => {
+                tracing::warn!(path = %path.display(), "config file is empty; waiting for a config in it");
+                None
+            }
+        },
         None => None,
     };
     let admin_token = match &args.admin_token_file {
@@ -174,22 +208,26 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
     };
     let state = AppState::new(config, options)?;
     if let Some(path) = args.config.clone() {
-        tokio::spawn(watch(state.clone(), path));
+        tokio::spawn(watch(state.clone(), path, seen));
     }
     run(state, args.listen, args.admin_listen).await
 }
 
-fn load(path: &Path) -> anyhow::Result<GatewayConfig> {
+fn load(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    GatewayConfig::from_yaml(&text).with_context(|| format!("config {}", path.display()))
+    reload::parse_file(&text).with_context(|| format!("config {}", path.display()))
+}
+
+type FileDigest = sha2::digest::Output<Sha256>;
+
+fn digest(path: &Path) -> Option<FileDigest> {
+    std::fs::read(path).ok().map(Sha256::digest)
 }
 
 /// Poll rather than inotify: ConfigMap volumes swap a symlink, which
 /// file-event watchers miss; one read a second costs nothing.
-async fn watch(state: Arc<AppState>, path: PathBuf) {
-    let digest = |p: &Path| std::fs::read(p).ok().map(Sha256::digest);
-    let mut last = digest(&path);
+async fn watch(state: Arc<AppState>, path: PathBuf, mut last: Option<FileDigest>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -198,14 +236,31 @@ async fn watch(state: Arc<AppState>, path: PathBuf) {
             continue;
         }
         last = now;
-        match load(&path).map(|c| state.swap(c)) {
-            Ok(Ok(version)) => tracing::info!(%version, "config file reloaded"),
-            Ok(Err(e)) => tracing::error!(error = %e, "config file rejected; keeping the old one"),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "config file rejected; keeping the old one")
-            }
+        if let Err(e) = reload_file(&state, &path) {
+            tracing::error!(error = %format!("{e:#}"), "config file rejected; keeping the old one");
         }
     }
+}
+
+/// One reload: refuse bad edits (empty file, every key or route gone without
+/// `allowEmpty: true`), apply the rest and log what changed by id.
+fn reload_file(state: &AppState, path: &Path) -> anyhow::Result<()> {
+    let (config, allow_empty) = match load(path)? {
+        FileConfig::Config {
+            config,
+            allow_empty,
+        } => (config, allow_empty),
+        FileConfig::Empty => anyhow::bail!(
+            "config {} is empty or only comments (an edit in progress?)",
+            path.display()
+        ),
+    };
+    let old = state.table.load().config.clone();
+    reload::check_reload(&old, &config, allow_empty).map_err(anyhow::Error::msg)?;
+    let changes = reload::diff(&old, &config);
+    let version = state.swap(config)?;
+    tracing::info!(%version, %changes, "config file reloaded");
+    Ok(())
 }
 
 async fn run(
@@ -213,8 +268,16 @@ async fn run(
     listen: SocketAddr,
     admin_listen: SocketAddr,
 ) -> anyhow::Result<()> {
-    let public = bind(listen).await?;
-    let admin = bind(admin_listen).await?;
+    let public = bind(listen, "--listen").await?;
+    let admin = bind(admin_listen, "--admin-listen").await?;
+    serve_on(state, public, admin).await
+}
+
+async fn serve_on(
+    state: Arc<AppState>,
+    public: TcpListener,
+    admin: TcpListener,
+) -> anyhow::Result<()> {
     state.listening_on(public.local_addr()?);
     println!(
         "infergate-sidecar listening public=http://{} admin=http://{} version={}",
@@ -244,10 +307,16 @@ async fn run(
     Ok(())
 }
 
-async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+/// Bind, naming the port and the flag that moves it when the port is taken.
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
+            "port {} is busy: something already listens on {addr}; choose another with {flag}",
+            addr.port()
+        )),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("binding {addr} ({flag})"))),
+    }
 }
 
 async fn shutdown() {
@@ -267,19 +336,49 @@ async fn shutdown() {
     tracing::info!("shutting down: no new connections, finishing streams in flight");
 }
 
-async fn demo() -> anyhow::Result<()> {
+/// The example config behind the gateway, its backends replaced by
+/// in-process simulators on free ports; prints every address it uses.
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     use infergate_sidecar::sim::{self, SimConfig};
-    let config = GatewayConfig::from_yaml(DEMO_CONFIG)?;
-    for backend in &config.backends {
-        let addr: SocketAddr = backend
-            .url
-            .trim_start_matches("http://")
-            .parse()
-            .with_context(|| format!("demo backend url {}", backend.url))?;
-        let listener = bind(addr).await?;
+    let mut config = GatewayConfig::from_yaml(DEMO_CONFIG)?;
+    // Our own listeners first, so a busy port fails before anything starts.
+    let public = bind(args.listen, "--listen").await?;
+    let admin = bind(args.admin_listen, "--admin-listen").await?;
+    let listen = public.local_addr()?;
+    println!("demo: two vLLM simulators behind the gateway; API key (demo only): {DEMO_KEY}");
+    println!("  gateway  http://{listen}  (OpenAI API; demo --listen)");
+    println!(
+        "  admin    http://{}  (/metrics, /healthz, /readyz; demo --admin-listen)",
+        admin.local_addr()?
+    );
+    let upstream_models = |backend: &str| -> Vec<String> {
+        let mut names: Vec<String> = config
+            .models
+            .iter()
+            .flat_map(|m| &m.targets)
+            .filter(|t| t.backend == backend)
+            .filter_map(|t| t.upstream_model.clone())
+            .collect();
+        names.dedup();
+        names
+    };
+    let models: Vec<Vec<String>> = config
+        .backends
+        .iter()
+        .map(|b| upstream_models(&b.id))
+        .collect();
+    for (backend, models) in config.backends.iter_mut().zip(models) {
+        let listener = bind("127.0.0.1:0".parse()?, "(a free port)").await?;
+        backend.url = format!("http://{}", listener.local_addr()?);
+        println!(
+            "  {:<8} {}  (vLLM simulator: {})",
+            backend.id,
+            backend.url,
+            models.join(", ")
+        );
         let cfg = SimConfig {
             id: backend.id.clone(),
-            models: vec!["meta-llama/Llama-3.1-8B-Instruct".into()],
+            models,
             tokens: 24,
             delay: Duration::from_millis(20),
             ..SimConfig::default()
@@ -287,13 +386,11 @@ async fn demo() -> anyhow::Result<()> {
         tokio::spawn(sim::serve(listener, cfg));
     }
     let state = AppState::new(Some(config), Options::default())?;
-    let listen: SocketAddr = "127.0.0.1:8080".parse()?;
-    println!("demo: two vLLM simulators behind the gateway; API key (demo only): {DEMO_KEY}");
     println!(
         "try:\n  curl -sN http://{listen}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' \
          -H 'Content-Type: application/json' \
          -d '{{\"model\":\"llama\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
     );
     println!("  curl -s http://{listen}/v1/models -H 'Authorization: Bearer {DEMO_KEY}'");
-    run(state, listen, "127.0.0.1:9090".parse()?).await
+    serve_on(state, public, admin).await
 }

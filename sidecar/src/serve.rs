@@ -11,6 +11,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+mod header_limit;
+
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
     /// A client must finish sending its request headers within this.
@@ -60,7 +62,9 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(router.clone());
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                // hyper's own 431 gets an OpenAI error body (see header_limit).
+                let io = header_limit::HeaderLimitIo::new(stream, options.max_header_bytes);
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });

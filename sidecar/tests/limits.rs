@@ -197,5 +197,9 @@ async fn slow_and_oversized_clients_are_cut_off() {
         .await
         .unwrap();
     assert_eq!(huge.status(), 431);
+    // With an OpenAI error body like every other error, not hyper's empty one.
+    let body: serde_json::Value = huge.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_header_fields_too_large");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
     assert_eq!(sim.sim.stats().requests, 0);
 }

@@ -4,8 +4,32 @@
 
 use std::path::Path;
 
+const USAGE: &str = "\
+usage: crdgen [--check]
+
+Writes the CRD YAML generated from the Rust types into crds/ and
+charts/infergate/crds/.
+
+  --check     write nothing; exit 1 naming the files that differ
+  -h, --help  print this help
+";
+
 fn main() {
-    let check = std::env::args().any(|a| a == "--check");
+    // Anything but --check is help or a mistake: never rewrite files then.
+    let mut check = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--check" => check = true,
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return;
+            }
+            other => {
+                eprintln!("crdgen: unknown argument {other:?}\n\n{USAGE}");
+                std::process::exit(2);
+            }
+        }
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut stale = Vec::new();
     for dir in ["crds", "charts/infergate/crds"] {
