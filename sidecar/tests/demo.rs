@@ -102,6 +102,10 @@ async fn demo_honours_its_flags_prints_every_port_and_serves() {
 }
 
 #[test]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a plain test thread polling a child process, not a runtime thread"
+)]
 fn a_busy_port_is_named_in_the_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
