@@ -38,6 +38,9 @@ pub struct Exchange {
     pub key_slot: Option<KeySlot>,
     /// Size of the client's request body (for a usage estimate).
     pub request_bytes: u64,
+    /// A text generation: tokens the upstream did not count are estimated
+    /// (not for embeddings or audio, where bytes say nothing of tokens).
+    pub estimate_usage: bool,
     /// Charge the key's token quota here: false on a hop, where the sidecar
     /// the client reached admits and charges the request.
     pub charge: bool,
@@ -109,7 +112,10 @@ impl OnEnd for Exchange {
         }
         // Whatever produced tokens is charged: counted by the upstream, or
         // else estimated from what was sent.
-        let estimated = end.scan.usage.is_none() && self.status.is_success() && end.frames > 0;
+        let estimated = self.estimate_usage
+            && end.scan.usage.is_none()
+            && self.status.is_success()
+            && end.frames > 0;
         let usage = end
             .scan
             .usage

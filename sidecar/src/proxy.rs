@@ -43,7 +43,7 @@ pub async fn forward(
     let received = Instant::now();
     let table = state.table.load_full();
     let key = crate::auth::authenticate(&table, &headers)?;
-    require_json(&headers)?;
+    let form_boundary = body_type(endpoint, &headers)?;
     // A hop was admitted (and is charged) by the sidecar the client reached;
     // one that claims to be a hop is checked below, once its body is known.
     let claims_hop = headers.contains_key(peers::HOP) || headers.contains_key(peers::PIN);
@@ -70,7 +70,10 @@ pub async fn forward(
     let hop = state
         .hops
         .verify(&headers, &Method::POST, endpoint.path(), &request_sha256)?;
-    let parsed = validate::validate(endpoint, &body, table.limits.max_messages)?;
+    let parsed = match form_boundary {
+        Some(boundary) => validate::form::validate_form(&body, boundary)?,
+        None => validate::validate(endpoint, &body, table.limits.max_messages)?,
+    };
     let route = table
         .route(&parsed.model)
         .ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
@@ -175,6 +178,7 @@ pub async fn forward(
                         slot,
                         key_slot: key_slot.take(),
                         request_bytes: body.len() as u64,
+                        estimate_usage: endpoint.generates(),
                         charge: hop.is_none(),
                     };
                     // On a hop the usage event goes on to the peer, which
@@ -215,24 +219,27 @@ pub async fn forward(
     }
 }
 
-/// `application/json` (any parameters, any case) or a `+json` type; bodies
-/// of other types are not what the OpenAI API takes.
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let json = headers
+/// JSON bodies: `application/json` (any parameters, any case) or a `+json`
+/// type. Audio uploads: `multipart/form-data` with a boundary, returned.
+/// Anything else is not what the endpoint takes: 415.
+fn body_type(endpoint: Endpoint, headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .is_some_and(|t| {
-            t == "application/json" || (t.starts_with("application/") && t.ends_with("+json"))
-        });
-    if json {
-        Ok(())
+        .unwrap_or("");
+    if endpoint.form() {
+        return validate::form::boundary(content_type)
+            .map(Some)
+            .ok_or(ApiError::UnsupportedMediaType);
+    }
+    let kind = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if kind == "application/json" || (kind.starts_with("application/") && kind.ends_with("+json")) {
+        Ok(None)
     } else {
         Err(ApiError::UnsupportedMediaType)
     }
@@ -392,10 +399,12 @@ async fn send(
             headers.append(name.clone(), value.clone());
         }
     }
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    // JSON, or the client's own multipart type (its boundary is in it).
+    let content_type = match client_headers.get(header::CONTENT_TYPE) {
+        Some(form) if endpoint.form() => form.clone(),
+        _ => HeaderValue::from_static("application/json"),
+    };
+    headers.insert(header::CONTENT_TYPE, content_type);
     let base = match (via, hop_headers) {
         (Some(peer), Some(hop)) => {
             headers.extend(hop);

@@ -26,11 +26,13 @@ pub enum Endpoint {
     Rerank,
     Pooling,
     Classify,
+    Transcriptions,
+    Translations,
 }
 
 impl Endpoint {
     /// Every endpoint, for the router.
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 12] = [
         Endpoint::Chat,
         Endpoint::Completions,
         Endpoint::Responses,
@@ -41,6 +43,8 @@ impl Endpoint {
         Endpoint::Rerank,
         Endpoint::Pooling,
         Endpoint::Classify,
+        Endpoint::Transcriptions,
+        Endpoint::Translations,
     ];
 
     /// The path, the same at the gateway and at vLLM.
@@ -56,7 +60,14 @@ impl Endpoint {
             Endpoint::Rerank => "/v1/rerank",
             Endpoint::Pooling => "/pooling",
             Endpoint::Classify => "/classify",
+            Endpoint::Transcriptions => "/v1/audio/transcriptions",
+            Endpoint::Translations => "/v1/audio/translations",
         }
+    }
+
+    /// Takes `multipart/form-data` (an audio upload), not JSON.
+    pub fn form(self) -> bool {
+        matches!(self, Endpoint::Transcriptions | Endpoint::Translations)
     }
 
     /// Generates text (and may stream); the others answer once.
@@ -75,6 +86,8 @@ pub struct Parsed {
     /// Byte range of the model value in the body, quotes and any escapes
     /// included, so an alias is replaced without touching another byte.
     pub model_span: Range<usize>,
+    /// The model is a form field's plain value, not a JSON string.
+    pub model_in_form: bool,
     pub stream: bool,
     pub include_usage: bool,
     /// How to ask the upstream for usage when a stream did not: an insertion
@@ -238,6 +251,7 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
     Ok(Parsed {
         model: model.into_owned(),
         model_span,
+        model_in_form: false,
         stream,
         include_usage,
         usage_edit,
@@ -374,7 +388,11 @@ pub fn upstream_body(
     if usage.is_none() && !rename {
         return body.clone();
     }
-    let quoted = serde_json::Value::String(upstream_model.to_owned()).to_string();
+    let quoted = if parsed.model_in_form {
+        upstream_model.to_owned()
+    } else {
+        serde_json::Value::String(upstream_model.to_owned()).to_string()
+    };
     let mut edits: Vec<(Range<usize>, &[u8])> = Vec::with_capacity(2);
     if rename {
         edits.push((parsed.model_span.clone(), quoted.as_bytes()));
@@ -407,5 +425,6 @@ pub fn with_model(body: &Bytes, parsed: &Parsed, upstream_model: &str) -> Bytes 
     upstream_body(body, parsed, upstream_model, false)
 }
 
+pub mod form;
 #[cfg(test)]
 mod tests;

@@ -436,3 +436,54 @@ async fn vllm_endpoints_beyond_generation_pass_with_auth_models_and_rewrite() {
         .unwrap();
     assert_eq!(sig.status(), 200);
 }
+
+#[tokio::test]
+async fn audio_uploads_pass_byte_exact_with_only_the_model_changed() {
+    let up = scripted("application/json", br#"{"text":"hello"}"#).await;
+    let gw = gateway(config(&[&up.url], "", "")).await;
+    let upload = |model: &str| -> Vec<u8> {
+        let mut body = b"--b0und\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\x00\x01\xfe\xff name=\"model\"\r\n".to_vec();
+        body.extend_from_slice(
+            format!("\r\n--b0und\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n--b0und\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n--b0und--\r\n").as_bytes(),
+        );
+        body
+    };
+    let post = |path: &'static str, key: &'static str, ct: &'static str, body: Vec<u8>| {
+        client()
+            .post(format!("{}{path}", gw.url))
+            .bearer_auth(key)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let form = "multipart/form-data; boundary=b0und";
+    for path in ["/v1/audio/transcriptions", "/v1/audio/translations"] {
+        let resp = post(path, KEY, form, upload("alias")).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.text().await.unwrap(), r#"{"text":"hello"}"#);
+        assert_eq!(
+            post(path, OTHER_KEY, form, upload("alias"))
+                .await
+                .unwrap()
+                .status(),
+            403
+        );
+        let json = post(path, KEY, "application/json", b"{}".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(json.status(), 415);
+        let no_model =
+            b"--b0und\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r\n--b0und--\r\n"
+                .to_vec();
+        assert_eq!(post(path, KEY, form, no_model).await.unwrap().status(), 400);
+    }
+    let sent = up.bodies.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    for got in sent {
+        assert_eq!(got, Bytes::from(upload(UPSTREAM_MODEL)));
+    }
+    assert_eq!(
+        *up.paths.lock().unwrap(),
+        ["/v1/audio/transcriptions", "/v1/audio/translations"]
+    );
+}
