@@ -255,8 +255,10 @@ impl Records {
         }
     }
 
+    /// The first record for an id stays: an answer that reuses an id (an
+    /// upstream that let a client choose it) never takes over another's.
     pub fn insert(&self, id: String, record: Record) {
-        self.cache.insert(id, Arc::new(record));
+        self.cache.entry(id).or_insert_with(|| Arc::new(record));
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Record>> {

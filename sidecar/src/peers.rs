@@ -229,8 +229,9 @@ impl Owners {
         }
     }
 
+    /// The first owner learnt for an id stays (see `Records::insert`).
     pub fn remember(&self, id: String, owner: Owner) {
-        self.cache.insert(id, owner);
+        self.cache.entry(id).or_insert(owner);
     }
 
     pub fn get(&self, id: &str) -> Option<Owner> {

@@ -177,8 +177,13 @@ pub async fn forward(
                         received,
                         slot,
                         key_slot: key_slot.take(),
-                        request_bytes: body.len() as u64,
-                        estimate_usage: endpoint.generates(),
+                        // An upload's bytes say nothing of its tokens.
+                        request_bytes: if endpoint.form() {
+                            0
+                        } else {
+                            body.len() as u64
+                        },
+                        estimate_usage: endpoint.generates() || parsed.stream,
                         charge: hop.is_none(),
                     };
                     // On a hop the usage event goes on to the peer, which
@@ -462,6 +467,12 @@ async fn send(
 /// not framing that the new request recomputes.
 fn forwardable(name: &HeaderName) -> bool {
     !name.as_str().starts_with("x-infergate-")
+        && !matches!(
+            name.as_str(),
+            // vLLM names answers after x-request-id (the gateway keeps state
+            // and signatures by that name) and routes by the rank.
+            "x-request-id" | "x-data-parallel-rank"
+        )
         && !matches!(
             name.as_str(),
             "authorization"

@@ -122,6 +122,12 @@ struct Body<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     previous_response_id: Option<Cow<'a, str>>,
+    /// vLLM names its answer after this: a client must not choose the id
+    /// under which the gateway keeps state and signatures.
+    #[serde(borrow, default, deserialize_with = "present")]
+    request_id: Option<&'a RawValue>,
+    #[serde(default)]
+    background: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -193,6 +199,19 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
         return Err(ApiError::invalid(
             "'model' must be 1 to 256 characters.",
             Some("model"),
+        ));
+    }
+    if parsed.request_id.is_some() {
+        return Err(ApiError::invalid(
+            "'request_id' is chosen by the gateway, not by a client.",
+            Some("request_id"),
+        ));
+    }
+    if parsed.background == Some(true) {
+        // Its tokens are generated after the answer, where no quota sees them.
+        return Err(ApiError::invalid(
+            "Background responses are not supported by this gateway.",
+            Some("background"),
         ));
     }
     let stream = parsed.stream.unwrap_or(false);

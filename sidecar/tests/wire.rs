@@ -487,3 +487,45 @@ async fn audio_uploads_pass_byte_exact_with_only_the_model_changed() {
         ["/v1/audio/transcriptions", "/v1/audio/translations"]
     );
 }
+
+/// An upstream that reuses an id (vLLM names answers after a client's
+/// `request_id` or `x-request-id`) must not hand one key's record to another.
+#[tokio::test]
+async fn a_reused_answer_id_never_moves_a_record_to_another_key() {
+    let up = scripted("application/json", CHAT_ANSWER).await;
+    let gw = gateway(config(&[&up.url], "", "")).await;
+    let body = |model: &str| serde_json::to_vec(&chat_body(model, false)).unwrap();
+    assert_eq!(
+        post_raw(&gw, "/v1/chat/completions", KEY, &body("m"))
+            .await
+            .status(),
+        200
+    );
+    // Key B's answer comes back under the same id.
+    let b = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(OTHER_KEY)
+        .header("content-type", "application/json")
+        .header("x-request-id", "w1")
+        .body(body("other"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(b.status(), 200);
+    let sig = |key: &'static str| {
+        client()
+            .get(format!("{}/v1/signature/chatcmpl-w1", gw.url))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(sig(KEY).await.unwrap().status(), 200);
+    assert_eq!(sig(OTHER_KEY).await.unwrap().status(), 404);
+    // Ids are the upstream's to choose, never the client's.
+    for field in [r#""request_id":"chatcmpl-w1""#, r#""background":true"#] {
+        let crafted =
+            format!(r#"{{"model":"m",{field},"messages":[{{"role":"user","content":"x"}}]}}"#);
+        let resp = post_raw(&gw, "/v1/chat/completions", OTHER_KEY, crafted.as_bytes()).await;
+        assert_eq!(resp.status(), 400, "{field}");
+    }
+    assert_eq!(up.bodies.lock().unwrap().len(), 2);
+}

@@ -53,6 +53,12 @@ pub fn validate_form(body: &[u8], boundary: &str) -> Result<Parsed, ApiError> {
             Some("model") if model.is_some() => return Err(bad("two `model` fields")),
             Some("model") => model = Some(value),
             Some("stream") => stream = value_bytes.eq_ignore_ascii_case(b"true"),
+            Some("request_id") => {
+                return Err(ApiError::invalid(
+                    "'request_id' is chosen by the gateway, not by a client.",
+                    Some("request_id"),
+                ))
+            }
             _ => {}
         }
     }
