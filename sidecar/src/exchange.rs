@@ -48,11 +48,11 @@ pub struct Exchange {
 
 /// Tokens of an answer the upstream did not count (a stream cut before its
 /// usage event, or an upstream that ignored the request for usage): about
-/// four bytes of prompt per token, one token per streamed chunk, four bytes
-/// per token of a JSON answer. Marked as an estimate in the usage record.
+/// four bytes of prompt per token, one token per streamed event (vLLM sends
+/// an event per token, per choice), four bytes per token of a JSON answer. Marked as an estimate in the usage record.
 fn estimate(end: &End, request_bytes: u64) -> Usage {
     let completion_tokens = if end.first_chunk.is_some() {
-        end.frames
+        end.events
     } else {
         end.bytes.div_ceil(4)
     };

@@ -23,7 +23,9 @@ use crate::AppState;
 
 /// Set on a request one sidecar forwards to another; the receiver serves it
 /// locally and never forwards it again. Its value authenticates the hop:
-/// `v1.<unix ms>.<nonce hex>.<HMAC-SHA256 hex>`, see [`HopAuth`].
+/// `v1.<unix ms>.<nonce hex>.<body SHA-256 hex>.<HMAC-SHA256 hex>`, see
+/// [`HopAuth`]. The body's hash is in the header so the hop is
+/// authenticated before its body is read.
 pub const HOP: HeaderName = HeaderName::from_static("x-infergate-hop");
 /// With `HOP`: the backend the forwarding sidecar chose (covered by the MAC).
 pub const PIN: HeaderName = HeaderName::from_static("x-infergate-backend-pin");
@@ -36,6 +38,9 @@ const HOP_WINDOW_MS: u64 = 30_000;
 pub struct Hop {
     /// The backend the forwarding sidecar chose, when it chose one.
     pub pin: Option<String>,
+    /// The SHA-256 of the body the peer sent; the body that arrives must
+    /// match it.
+    pub body_sha256: [u8; 32],
 }
 
 /// Signs hops this sidecar makes and checks the ones it receives.
@@ -119,7 +124,12 @@ impl HopAuth {
         let tag = Self::mac(secret, (method, path, body_sha256, ts, &nonce, pin), auth)
             .finalize()
             .into_bytes();
-        let value = format!("v1.{ts}.{}.{}", hex::encode(nonce), hex::encode(tag));
+        let value = format!(
+            "v1.{ts}.{}.{}.{}",
+            hex::encode(nonce),
+            hex::encode(body_sha256),
+            hex::encode(tag)
+        );
         if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(HOP, v);
         }
@@ -129,14 +139,15 @@ impl HopAuth {
         h
     }
 
-    /// `None` for a request without internal headers; the verified hop; or a
-    /// 400 for internal headers that do not prove a peer sent them.
+    /// `None` for a request without internal headers; the verified hop (its
+    /// body still to be checked against `Hop::body_sha256`); or a 400 for
+    /// internal headers that do not prove a peer sent them. Needs only the
+    /// headers, so a forged hop is refused before its body is read.
     pub fn verify(
         &self,
         headers: &HeaderMap,
         method: &Method,
         path: &str,
-        body_sha256: &[u8; 32],
     ) -> Result<Option<Hop>, ApiError> {
         let hop = headers.get_all(HOP);
         let pin = headers.get_all(PIN);
@@ -151,12 +162,12 @@ impl HopAuth {
             Some(p) => Some(p.to_str().map_err(|_| ApiError::ForgedHop)?),
             None => None,
         };
-        let (ts, nonce, tag) = parse_hop(hop).ok_or(ApiError::ForgedHop)?;
+        let (ts, nonce, body_sha256, tag) = parse_hop(hop).ok_or(ApiError::ForgedHop)?;
         if now_unix_ms().abs_diff(ts) > HOP_WINDOW_MS {
             return Err(ApiError::ForgedHop);
         }
         let auth = headers.get(header::AUTHORIZATION);
-        Self::mac(secret, (method, path, body_sha256, ts, &nonce, pin), auth)
+        Self::mac(secret, (method, path, &body_sha256, ts, &nonce, pin), auth)
             .verify_slice(&tag)
             .map_err(|_| ApiError::ForgedHop)?;
         // Only a valid MAC gets this far, so only peers fill the cache.
@@ -165,11 +176,12 @@ impl HopAuth {
         }
         Ok(Some(Hop {
             pin: pin.map(str::to_owned),
+            body_sha256,
         }))
     }
 }
 
-fn parse_hop(v: &HeaderValue) -> Option<(u64, [u8; 16], [u8; 32])> {
+fn parse_hop(v: &HeaderValue) -> Option<(u64, [u8; 16], [u8; 32], [u8; 32])> {
     let mut parts = v.to_str().ok()?.split('.');
     if parts.next()? != "v1" {
         return None;
@@ -177,9 +189,11 @@ fn parse_hop(v: &HeaderValue) -> Option<(u64, [u8; 16], [u8; 32])> {
     let ts = parts.next()?.parse().ok()?;
     let mut nonce = [0u8; 16];
     hex::decode_to_slice(parts.next()?, &mut nonce).ok()?;
+    let mut body = [0u8; 32];
+    hex::decode_to_slice(parts.next()?, &mut body).ok()?;
     let mut tag = [0u8; 32];
     hex::decode_to_slice(parts.next()?, &mut tag).ok()?;
-    parts.next().is_none().then_some((ts, nonce, tag))
+    parts.next().is_none().then_some((ts, nonce, body, tag))
 }
 
 /// The verified hop of a request without a body (look-ups between
@@ -198,10 +212,10 @@ impl FromRequestParts<Arc<AppState>> for PeerHop {
             .path_and_query()
             .map_or(parts.uri.path(), |p| p.as_str());
         let empty: [u8; 32] = Sha256::digest(b"").into();
-        state
-            .hops
-            .verify(&parts.headers, &parts.method, path, &empty)
-            .map(PeerHop)
+        match state.hops.verify(&parts.headers, &parts.method, path)? {
+            Some(hop) if hop.body_sha256 != empty => Err(ApiError::ForgedHop),
+            hop => Ok(PeerHop(hop)),
+        }
     }
 }
 

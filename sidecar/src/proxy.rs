@@ -44,11 +44,13 @@ pub async fn forward(
     let table = state.table.load_full();
     let key = crate::auth::authenticate(&table, &headers)?;
     let form_boundary = body_type(endpoint, &headers)?;
-    // A hop was admitted (and is charged) by the sidecar the client reached;
-    // one that claims to be a hop is checked below, once its body is known.
-    let claims_hop = headers.contains_key(peers::HOP) || headers.contains_key(peers::PIN);
+    // Internal headers are checked before the body is read; a genuine hop
+    // was admitted (and is charged) by the sidecar the client reached.
+    let hop = state
+        .hops
+        .verify(&headers, &Method::POST, endpoint.path())?;
     // Quotas before the body is read: a refused request costs no more.
-    let mut key_slot = match key.quota.as_ref().filter(|_| !claims_hop) {
+    let mut key_slot = match key.quota.as_ref().filter(|_| hop.is_none()) {
         Some(q) => q.admit(now_ns()).map_err(ApiError::RateLimited)?,
         None => None,
     };
@@ -67,9 +69,12 @@ pub async fn forward(
         Ok(Ok(body)) => body,
     };
     let request_sha256: [u8; 32] = Sha256::digest(&body).into();
-    let hop = state
-        .hops
-        .verify(&headers, &Method::POST, endpoint.path(), &request_sha256)?;
+    if hop
+        .as_ref()
+        .is_some_and(|h| h.body_sha256 != request_sha256)
+    {
+        return Err(ApiError::ForgedHop);
+    }
     let parsed = match form_boundary {
         Some(boundary) => validate::form::validate_form(&body, boundary)?,
         None => validate::validate(endpoint, &body, table.limits.max_messages)?,
@@ -298,6 +303,12 @@ async fn pinned_target(
 ) -> Result<Option<usize>, ApiError> {
     let position = |backend: &str| route.targets.iter().position(|t| t.backend.id == backend);
     if let Some(previous) = parsed.previous_response_id.as_deref() {
+        if !crate::api::valid_id(previous) {
+            return Err(ApiError::invalid(
+                "Malformed previous_response_id.",
+                Some("previous_response_id"),
+            ));
+        }
         let not_found = || ApiError::NotFound(format!("No response with id `{previous}`."));
         let owner = match hop {
             // The sidecar the client reached checked the owner; what this
@@ -545,6 +556,7 @@ async fn respond(
             response_sha256: Sha256::digest(&bytes).into(),
             bytes: bytes.len() as u64,
             frames: 1,
+            events: 0,
             scan: sse::scan_json(&bytes),
             first_chunk: None,
             last_chunk: None,

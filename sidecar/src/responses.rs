@@ -53,6 +53,14 @@ async fn by_id(
 ) -> Result<Response<Body>, ApiError> {
     let table = s.table.load_full();
     let key = crate::auth::authenticate(&table, &headers)?;
+    // Look-ups count against the key's limits like any request (a hop was
+    // counted by the sidecar the client reached).
+    let _key_slot = match key.quota.as_ref().filter(|_| !hop) {
+        Some(q) => q
+            .admit(crate::table::now_ns())
+            .map_err(ApiError::RateLimited)?,
+        None => None,
+    };
     if !valid_id(&id) {
         return Err(ApiError::invalid("Malformed response id.", Some("id")));
     }
@@ -104,23 +112,34 @@ async fn by_id(
                 crate::stream::error_kind(&e)
             ))
         })?;
-    Ok(passthrough(resp).await)
+    Ok(passthrough(resp, table.limits.max_response_bytes).await)
 }
 
 /// Status, content type and body of an upstream answer, as they are.
-async fn passthrough(resp: reqwest::Response) -> Response<Body> {
+/// (at most `max_bytes` of it held, as for any answer).
+async fn passthrough(resp: reqwest::Response, max_bytes: u64) -> Response<Body> {
     let status = resp.status();
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    match resp.bytes().await {
-        Ok(body) => {
-            let mut out = (status, body).into_response();
-            if let Some(ct) = content_type {
-                out.headers_mut().insert(header::CONTENT_TYPE, ct);
-            }
-            out
-        }
-        Err(_) => ApiError::Upstream("backend connection failed mid-body".into()).into_response(),
+    if resp.content_length().is_some_and(|n| n > max_bytes) {
+        return ApiError::Upstream("backend answer exceeds the size bound".into()).into_response();
     }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let Ok(chunk) = chunk else {
+            return ApiError::Upstream("backend connection failed mid-body".into()).into_response();
+        };
+        if (body.len() + chunk.len()) as u64 > max_bytes {
+            return ApiError::Upstream("backend answer exceeds the size bound".into())
+                .into_response();
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let mut out = (status, body).into_response();
+    if let Some(ct) = content_type {
+        out.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    out
 }
 
 /// A signature this sidecar does not hold: from the sidecar it forwarded

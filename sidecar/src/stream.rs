@@ -53,6 +53,8 @@ pub struct End {
     pub response_sha256: [u8; 32],
     pub bytes: u64,
     pub frames: u64,
+    /// SSE events the upstream sent (streams only), for usage estimates.
+    pub events: u64,
     pub scan: SseScan,
     /// When the first upstream chunk arrived, and when the stream ended
     /// (streams only; the end is when the last chunk was handled).
@@ -81,6 +83,7 @@ pub struct Observed<H: OnEnd> {
     scan: SseScan,
     bytes: u64,
     frames: u64,
+    events: u64,
     first_chunk: Option<std::time::Instant>,
     hook: Option<H>,
     state: State,
@@ -109,6 +112,7 @@ impl<H: OnEnd> Observed<H> {
             scan: SseScan::default(),
             bytes: 0,
             frames: 0,
+            events: 0,
             first_chunk: None,
             hook: Some(hook),
             state: State::Streaming,
@@ -139,6 +143,7 @@ impl<H: OnEnd> Observed<H> {
                 response_sha256: std::mem::take(&mut self.hasher).finalize().into(),
                 bytes: self.bytes,
                 frames: self.frames,
+                events: self.events,
                 scan: std::mem::take(&mut self.scan),
                 first_chunk: self.first_chunk,
                 last_chunk: self.first_chunk.map(|_| std::time::Instant::now()),
@@ -150,6 +155,7 @@ impl<H: OnEnd> Observed<H> {
     /// (possibly nothing yet, while the usage filter holds a partial event).
     fn pass(&mut self, chunk: Bytes) -> Bytes {
         self.frames += 1;
+        self.events += memchr::memmem::find_iter(&chunk, b"\n\n").count() as u64;
         if self.hook.is_none() {
             self.bytes += chunk.len() as u64;
             return chunk;

@@ -218,7 +218,13 @@ async fn internal_headers_from_a_client_are_refused_and_change_nothing() {
         vec![("x-infergate-backend-pin", "b1".into())],
         vec![(
             "x-infergate-hop",
-            format!("v1.{}.{}.{}", now_ms(), "0".repeat(32), "0".repeat(64)),
+            format!(
+                "v1.{}.{}.{}.{}",
+                now_ms(),
+                "0".repeat(32),
+                "0".repeat(64),
+                "0".repeat(64)
+            ),
         )],
     ];
     for headers in variants {
@@ -301,7 +307,13 @@ async fn a_hop_counts_once_with_the_right_secret_and_never_otherwise() {
     let mut stale = signed(SECRET, &body, Some("b0"));
     let v = stale[HOP].to_str().unwrap().to_owned();
     let parts: Vec<&str> = v.split('.').collect();
-    let old = format!("v1.{}.{}.{}", now_ms() - 120_000, parts[2], parts[3]);
+    let old = format!(
+        "v1.{}.{}.{}.{}",
+        now_ms() - 120_000,
+        parts[2],
+        parts[3],
+        parts[4]
+    );
     stale.insert(HOP, HeaderValue::from_str(&old).unwrap());
     assert_eq!(send_hop(&p.gws[0], stale, &body).await.status(), 400);
     assert_eq!(p.sims[0].sim.stats().requests, 1);
@@ -428,4 +440,34 @@ models: [{{ name: m, targets: [{{ backend: b0, upstreamModel: {UPSTREAM_MODEL} }
             .unwrap();
         assert_eq!(sig.status(), 200);
     }
+}
+
+/// A hop is authenticated from its headers alone: a forged one is refused
+/// before its body is read, so it can neither hold a body buffer nor skip
+/// the key's quota while the body trickles in.
+#[tokio::test]
+async fn a_forged_hop_is_refused_before_its_body_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = pair().await;
+    let addr = p.gws[0].url.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\nx-infergate-hop: v1.{}.{}.{}.{}\r\ncontent-length: 4000000\r\n\r\n{{",
+        now_ms(),
+        "1".repeat(32),
+        "2".repeat(64),
+        "3".repeat(64)
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut out = vec![0u8; 4096];
+    // Long before the 30 s body deadline.
+    let n = tokio::time::timeout(std::time::Duration::from_secs(3), tcp.read(&mut out))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out[..n]).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&out[..n])
+    );
 }

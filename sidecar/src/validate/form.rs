@@ -29,7 +29,10 @@ pub fn boundary(content_type: &str) -> Option<&str> {
 pub fn validate_form(body: &[u8], boundary: &str) -> Result<Parsed, ApiError> {
     let bad = |m: &str| ApiError::invalid(format!("Invalid multipart body: {m}."), None);
     let delimiter = format!("--{boundary}");
-    let starts: Vec<usize> = memmem::find_iter(body, delimiter.as_bytes()).collect();
+    // A delimiter starts the body or a line; elsewhere it is content.
+    let starts: Vec<usize> = memmem::find_iter(body, delimiter.as_bytes())
+        .filter(|&i| i == 0 || body.get(i.saturating_sub(2)..i) == Some(b"\r\n"))
+        .collect();
     if starts.len() < 2 {
         return Err(bad("no parts"));
     }
@@ -49,10 +52,15 @@ pub fn validate_form(body: &[u8], boundary: &str) -> Result<Parsed, ApiError> {
         let Some(value_bytes) = body.get(value.clone()) else {
             return Err(bad("a part without a value"));
         };
-        match field_name(rest.get(..head_len).unwrap_or_default()) {
+        // A part that names itself twice, or twice names its disposition,
+        // could be read one way here and another by vLLM: refused.
+        let name = field_name(rest.get(..head_len).unwrap_or_default())
+            .map_err(|_| bad("a part with an ambiguous name"))?;
+        match name {
             Some("model") if model.is_some() => return Err(bad("two `model` fields")),
             Some("model") => model = Some(value),
-            Some("stream") => stream = value_bytes.eq_ignore_ascii_case(b"true"),
+            Some("stream") if stream => return Err(bad("two `stream` fields")),
+            Some("stream") => stream = truthy(value_bytes),
             Some("request_id") => {
                 return Err(ApiError::invalid(
                     "'request_id' is chosen by the gateway, not by a client.",
@@ -81,20 +89,40 @@ pub fn validate_form(body: &[u8], boundary: &str) -> Result<Parsed, ApiError> {
     })
 }
 
-/// `name` of a part's `Content-Disposition: form-data; name="..."`.
-fn field_name(headers: &[u8]) -> Option<&str> {
-    let headers = std::str::from_utf8(headers).ok()?;
-    let disposition = headers.split("\r\n").find_map(|line| {
+/// What pydantic reads as `true` for a form's boolean.
+fn truthy(v: &[u8]) -> bool {
+    let v = v.trim_ascii();
+    ["true", "1", "yes", "on", "t", "y"]
+        .iter()
+        .any(|t| v.eq_ignore_ascii_case(t.as_bytes()))
+}
+
+/// `name` of a part's `Content-Disposition: form-data; name="..."`; an
+/// error when the part is ambiguous (two dispositions, two names).
+fn field_name(headers: &[u8]) -> Result<Option<&str>, ()> {
+    let headers = std::str::from_utf8(headers).map_err(|_| ())?;
+    let mut dispositions = headers.split("\r\n").filter_map(|line| {
         let (k, v) = line.split_once(':')?;
         k.trim()
             .eq_ignore_ascii_case("content-disposition")
             .then_some(v)
-    })?;
-    disposition
+    });
+    let Some(disposition) = dispositions.next() else {
+        return Ok(None);
+    };
+    if dispositions.next().is_some() {
+        return Err(());
+    }
+    let mut names = disposition
         .split(';')
         .filter_map(|p| p.trim().split_once('='))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("name"))
-        .map(|(_, v)| v.trim().trim_matches('"'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("name"))
+        .map(|(_, v)| v.trim().trim_matches('"'));
+    let name = names.next();
+    if names.next().is_some() {
+        return Err(());
+    }
+    Ok(name)
 }
 
 #[cfg(test)]
@@ -148,6 +176,16 @@ mod tests {
         ] {
             assert!(validate_form(body, "XyZ").is_err(), "{body:?}");
         }
+        for ambiguous in [
+            &b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"; name=\"junk\"\r\n\r\na\r\n--XyZ--"[..],
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"junk\"\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\na\r\n--XyZ--",
+        ] {
+            assert!(validate_form(ambiguous, "XyZ").is_err());
+        }
+        // `--XyZ` inside a value (not at a line start) is content.
+        let inline =
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm--XyZ\r\n--XyZ--\r\n";
+        assert_eq!(validate_form(inline, "XyZ").unwrap().model, "m--XyZ");
         let no_model = b"--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--XyZ--";
         assert!(validate_form(no_model, "XyZ").is_err());
     }
