@@ -181,7 +181,10 @@ impl HopAuth {
     }
 }
 
-fn parse_hop(v: &HeaderValue) -> Option<(u64, [u8; 16], [u8; 32], [u8; 32])> {
+/// A hop header's time, nonce, declared body SHA-256 and MAC.
+type HopFields = (u64, [u8; 16], [u8; 32], [u8; 32]);
+
+fn parse_hop(v: &HeaderValue) -> Option<HopFields> {
     let mut parts = v.to_str().ok()?.split('.');
     if parts.next()? != "v1" {
         return None;
