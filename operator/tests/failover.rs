@@ -25,7 +25,7 @@ async fn the_standby_takes_over_when_the_leader_dies() {
     create_namespace(&client, &ns).await;
     let dir = scratch_dir("failover");
 
-    let sidecar = spawn_sidecar("sidecar", &dir, free_port(), free_port());
+    let sidecar = spawn_sidecar("sidecar", &dir);
     sidecar_pod(&client, &ns, "sidecar", sidecar.admin_port).await;
     let mut a = spawn_operator(&tb, &ns, "op-a", &dir);
     let mut b = spawn_operator(&tb, &ns, "op-b", &dir);

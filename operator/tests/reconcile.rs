@@ -33,8 +33,8 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
     create_namespace(&client, &ns).await;
     let dir = scratch_dir("reconcile");
 
-    let s0 = spawn_sidecar("sidecar-0", &dir, free_port(), free_port());
-    let mut s1 = spawn_sidecar("sidecar-1", &dir, free_port(), free_port());
+    let s0 = spawn_sidecar("sidecar-0", &dir);
+    let mut s1 = spawn_sidecar("sidecar-1", &dir);
     sidecar_pod(&client, &ns, "sidecar-0", s0.admin_port).await;
     sidecar_pod(&client, &ns, "sidecar-1", s1.admin_port).await;
     let op = spawn_operator(&tb, &ns, "op-a", &dir);
@@ -298,7 +298,7 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
         metrics.contains("infergate_operator_reconcile_failures_total{error=\"push\"}"),
         "{metrics}"
     );
-    s1 = spawn_sidecar("sidecar-1-restarted", &dir, admin, public);
+    s1 = spawn_sidecar_on("sidecar-1-restarted", &dir, admin, public);
     sidecars_run(
         &client,
         &ns,

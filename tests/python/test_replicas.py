@@ -19,16 +19,31 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_replicas(sims, count):
+    """`count` sidecars that know each other's URLs, so their ports are
+    picked before they start; a port taken meanwhile by another process makes
+    a sidecar exit, and the whole set is started again on fresh ports."""
+    for attempt in range(3):
+        ports = [free_port() for _ in range(count)]
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        config = gateway_config([s.url for s in sims], sidecars=urls[: len(sims)])
+        started = []
+        try:
+            for i in range(count):
+                started.append(start_sidecar(
+                    config, ["--self-url", urls[i]], listen=f"127.0.0.1:{ports[i]}"))
+            return started
+        except RuntimeError:
+            for p in started:
+                p.stop()
+            if attempt == 2:
+                raise
+
+
 @pytest.fixture(scope="module")
 def two():
     sims = [start_sim(f"sim-{i}") for i in range(2)]
-    ports = [free_port() for _ in range(2)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    config = gateway_config([s.url for s in sims], sidecars=urls)
-    sidecars = [
-        start_sidecar(config, ["--self-url", urls[i]], listen=f"127.0.0.1:{ports[i]}")
-        for i in range(2)
-    ]
+    sidecars = start_replicas(sims, 2)
     yield sims, sidecars
     for p in sims + sidecars:
         p.stop()
@@ -103,13 +118,7 @@ def test_unknown_previous_response_id_is_a_clean_404(two):
 
 def test_signature_from_any_of_three_sidecars_verifies():
     sims = [start_sim(f"sim-{i}") for i in range(2)]
-    ports = [free_port() for _ in range(3)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    config = gateway_config([s.url for s in sims], sidecars=urls[:2])
-    sidecars = [
-        start_sidecar(config, ["--self-url", urls[i]], listen=f"127.0.0.1:{ports[i]}")
-        for i in range(3)
-    ]
+    sidecars = start_replicas(sims, 3)
     try:
         rec = Recording()
         # The third sidecar has no model of its own: it forwards every request.

@@ -15,7 +15,6 @@ pub mod objects;
 
 use std::future::Future;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -263,14 +262,6 @@ where
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A child process killed when dropped; its output goes to a log file that
 /// is printed if the test fails while it runs.
 pub struct Proc {
@@ -325,6 +316,46 @@ impl Proc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The value of `key=` on the first log line holding `marker`, waiting
+    /// up to 20 s for it. Processes bind port 0 and report the address they
+    /// got: a port picked free beforehand can be taken by another process
+    /// (an outgoing connection's ephemeral port) before the child binds it.
+    pub fn wait_for_field(&mut self, marker: &str, key: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let found = log.lines().filter(|l| l.contains(marker)).find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+                    .map(str::to_owned)
+            });
+            if let Some(value) = found {
+                return value;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before logging {marker:?}:\n{log}",
+                    self.name
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {marker:?} in 20 s:\n{log}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The port of `http://host:port` or `host:port`.
+fn port_of(addr: &str) -> u16 {
+    let addr = addr.trim_start_matches("http://");
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {addr:?}"))
 }
 
 impl Drop for Proc {
@@ -361,12 +392,18 @@ pub struct Sidecar {
     pub public_port: u16,
 }
 
-pub fn spawn_sidecar(name: &str, dir: &Path, admin_port: u16, public_port: u16) -> Sidecar {
+/// A sidecar on ports of its own choosing.
+pub fn spawn_sidecar(name: &str, dir: &Path) -> Sidecar {
+    spawn_sidecar_on(name, dir, 0, 0)
+}
+
+/// A sidecar on given ports (0: any), e.g. restarted where it ran before.
+pub fn spawn_sidecar_on(name: &str, dir: &Path, admin_port: u16, public_port: u16) -> Sidecar {
     // One file per process: rewriting a shared file could be read half
     // written (empty) by a process starting at that moment.
     let token = dir.join(format!("{name}.token"));
     std::fs::write(&token, TOKEN).unwrap();
-    let proc = Proc::spawn(
+    let mut proc = Proc::spawn(
         name,
         Command::new(sidecar_bin())
             .arg("--listen")
@@ -377,6 +414,8 @@ pub fn spawn_sidecar(name: &str, dir: &Path, admin_port: u16, public_port: u16) 
             .arg(&token),
         dir,
     );
+    let public_port = port_of(&proc.wait_for_field("infergate-sidecar listening", "public"));
+    let admin_port = port_of(&proc.wait_for_field("infergate-sidecar listening", "admin"));
     Sidecar {
         proc,
         admin_port,
@@ -407,8 +446,7 @@ pub struct Operator {
 pub fn spawn_operator(tb: &Testbed, ns: &str, identity: &str, dir: &Path) -> Operator {
     let token = dir.join(format!("{identity}.token"));
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    let port = free_port();
-    let proc = Proc::spawn(
+    let mut proc = Proc::spawn(
         identity,
         Command::new(operator_bin())
             .env("KUBECONFIG", tb.kubeconfig())
@@ -421,9 +459,10 @@ pub fn spawn_operator(tb: &Testbed, ns: &str, identity: &str, dir: &Path) -> Ope
             .arg("--admin-token-file")
             .arg(&token)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}")),
+            .arg("127.0.0.1:0"),
         dir,
     );
+    let port = port_of(&proc.wait_for_field("operator started", "addr"));
     Operator {
         proc,
         identity: identity.to_owned(),
