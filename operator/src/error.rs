@@ -9,7 +9,7 @@ pub enum Error {
     /// The renderer produced a config the sidecar schema rejects: a bug, so
     /// nothing is stored or pushed.
     #[error("rendered config is invalid: {0}")]
-    InvalidConfig(#[from] infergate_sidecar::config::ConfigError),
+    InvalidConfig(#[from] infergate_config::ConfigError),
     #[error("{failed} of {total} sidecars did not take the config")]
     Push { failed: usize, total: usize },
     /// The admin token file could not be read (the token itself is never

@@ -5,11 +5,11 @@
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
+use infergate_config::KeyLimits;
 use infergate_crds::{
     InferenceProvider, ModelRoute, ADMIN_PORT_ANNOTATION, API_KEY_ID_ANNOTATION,
     CONCURRENT_REQUESTS_ANNOTATION, REQUESTS_PER_MINUTE_ANNOTATION, TOKENS_PER_MINUTE_ANNOTATION,
 };
-use infergate_sidecar::config::KeyLimits;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;

@@ -3,7 +3,6 @@
 //! gateway config, store it in a ConfigMap, push it to the sidecars and
 //! write status.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -154,13 +153,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("listen on {}", cli.listen))?;
     tracing::info!(addr = %listener.local_addr()?, %identity, "operator started");
     let mut server_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(
-        axum::serve(listener, metrics::router(metrics))
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|stop| *stop).await;
-            })
-            .into_future(),
-    );
+    let server = tokio::spawn(metrics::serve(listener, metrics, async move {
+        let _ = server_shutdown.wait_for(|stop| *stop).await;
+    }));
 
     shutdown_signal().await;
     tracing::info!("shutting down");

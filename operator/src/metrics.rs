@@ -1,21 +1,27 @@
 //! The operator's own observability: Prometheus metrics and the probes, on
-//! one small HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+//! one small HTTP listener (`/metrics`, `/healthz`, `/readyz`). Three fixed
+//! GET routes are served with plain hyper (already in the tree through kube):
+//! the operator carries no web framework.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -106,31 +112,77 @@ impl Metrics {
     }
 }
 
-pub fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(metrics)
+/// Serve the probes and metrics until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let m = metrics.clone();
+        let service = service_fn(move |req| {
+            let answer = answer(&m, &req);
+            async move { Ok::<_, Infallible>(answer) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
-async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
+/// The answer to one request (pure, so unit tests call it directly).
+pub fn answer<B>(m: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
             header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
+        resp
+    };
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
-}
-
-/// Ready once the caches are warm: a standby is ready too, so a rollout
-/// never waits for leadership.
-async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.synced.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+            m.encode(),
+        ),
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok".into()),
+        // Ready once the caches are warm: a standby is ready too, so a
+        // rollout never waits for leadership.
+        "/readyz" if m.synced.load(Ordering::Relaxed) => {
+            reply(StatusCode::OK, TEXT, "ready".into())
+        }
+        "/readyz" => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "caches not synced".into(),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
     }
 }
 
@@ -154,5 +206,26 @@ mod tests {
         assert!(text.contains("infergate_operator_reconcile_failures_total{error=\"push\"} 1"));
         assert!(text.contains("infergate_operator_pushes_total{result=\"applied\"} 1"));
         assert!(text.contains("infergate_operator_reconcile_duration_seconds_count 2"));
+    }
+
+    #[test]
+    fn probes_answer_by_path_and_readiness_follows_the_caches() {
+        let m = Metrics::default();
+        let get = |path: &str| Request::get(path).body(()).unwrap();
+        assert_eq!(answer(&m, &get("/healthz")).status(), StatusCode::OK);
+        assert_eq!(
+            answer(&m, &get("/readyz")).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        m.synced.store(true, Ordering::Relaxed);
+        assert_eq!(answer(&m, &get("/readyz")).status(), StatusCode::OK);
+        let scrape = answer(&m, &get("/metrics"));
+        assert!(scrape.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
+        assert_eq!(answer(&m, &get("/nope")).status(), StatusCode::NOT_FOUND);
+        let post = Request::post("/metrics").body(()).unwrap();
+        assert_eq!(answer(&m, &post).status(), StatusCode::METHOD_NOT_ALLOWED);
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use infergate_sidecar::config::GatewayConfig;
+use infergate_config::GatewayConfig;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl Pushed {
 
 fn unavailable(resp: &reqwest::Response) -> Unavailable {
     resp.headers()
-        .get(infergate_sidecar::admin::UNAVAILABLE_HEADER)
+        .get(infergate_config::UNAVAILABLE_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
             v.split(',')

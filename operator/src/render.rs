@@ -9,11 +9,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
-use infergate_sidecar::config::{
-    self, ApiKey, Backend, GatewayConfig, KeyLimits, ModelRoute as RouteConfig, Sticky, Target,
-    TimeoutOverrides, Timeouts,
+use infergate_config::{
+    self as config, ApiKey, Backend, GatewayConfig, KeyLimits, ModelRoute as RouteConfig, Sticky,
+    Target, TimeoutOverrides, Timeouts,
 };
+use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
 
 /// (namespace, name)
 pub type ObjectKey = (String, String);

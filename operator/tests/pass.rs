@@ -1,5 +1,5 @@
 //! One reconcile pass with the Kubernetes API answered in-process (kube's
-//! mocked-client pattern) and a real sidecar admin listener: which writes a
+//! mocked-client pattern) and a real sidecar process: which writes a
 //! pass makes, what they carry, and that a pass with nothing new writes
 //! nothing. Runs everywhere; tests/reconcile.rs does the same against a real
 //! kube-apiserver when one is available.
@@ -17,8 +17,6 @@ use infergate_operator::leader::{Fence, Term};
 use infergate_operator::metrics::Metrics;
 use infergate_operator::reconcile::{self, pass, Context, Memory, Timing};
 use infergate_operator::Error;
-use infergate_sidecar::serve::{serve, ServeOptions};
-use infergate_sidecar::{admin_app, AppState, Options};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::client::Body;
@@ -28,8 +26,9 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::Client;
 use serde_json::{json, Value};
+use testbed::{running_version, scratch_dir, spawn_sidecar, Sidecar, TOKEN};
 
-const TOKEN: &str = "pass-test-admin-token";
+mod testbed;
 
 /// Every request the operator made: (method, path?query, body).
 type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
@@ -120,24 +119,10 @@ fn stores(admin_port: u16, routes: Vec<Value>, provider_status: Option<&Value>) 
     }
 }
 
-async fn sidecar() -> (Arc<AppState>, u16) {
-    let state = AppState::new(
-        None,
-        Options {
-            admin_token: Some(TOKEN.into()),
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(serve(
-        listener,
-        admin_app(state.clone()),
-        ServeOptions::default(),
-        std::future::pending(),
-    ));
-    (state, port)
+fn sidecar() -> (Sidecar, u16) {
+    let sidecar = spawn_sidecar("sidecar", &scratch_dir("pass"));
+    let port = sidecar.admin_port;
+    (sidecar, port)
 }
 
 fn context(client: Client, stores: Stores, token_file: &std::path::Path) -> Context {
@@ -199,7 +184,7 @@ fn condition<'a>(status: &'a Value, kind: &str) -> &'a Value {
 
 #[tokio::test]
 async fn a_pass_stores_pushes_and_writes_status_once() {
-    let (sidecar, port) = sidecar().await;
+    let (sidecar, port) = sidecar();
     let token_file = std::env::temp_dir().join(format!("ig-pass-token-{}", std::process::id()));
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let routes = || vec![route("good", "p", None), route("broken", "nope", None)];
@@ -247,7 +232,7 @@ async fn a_pass_stores_pushes_and_writes_status_once() {
         ["config.json"]
     );
     let config: Value = serde_json::from_str(cm["data"]["config.json"].as_str().unwrap()).unwrap();
-    assert_eq!(config["version"], sidecar.current_version());
+    assert_eq!(config["version"], running_version(sidecar.admin_port).await);
     assert_eq!(config["models"].as_array().unwrap().len(), 1);
     assert!(!cm.to_string().contains("ig-team-key-0000000000"));
 
@@ -306,7 +291,7 @@ async fn a_pass_stores_pushes_and_writes_status_once() {
     assert!(only_cm[0].1.starts_with(cm_path));
 
     // The good route is deleted: the next config differs and is pushed.
-    let before = sidecar.current_version();
+    let before = running_version(sidecar.admin_port).await;
     let ctx = context(
         client,
         stores(port, seen[1..].to_vec(), Some(&p["status"])),
@@ -316,8 +301,8 @@ async fn a_pass_stores_pushes_and_writes_status_once() {
     let after = writes(&log);
     let cm = find(&after, "PATCH", cm_path).expect("new config stored");
     let config: Value = serde_json::from_str(cm["data"]["config.json"].as_str().unwrap()).unwrap();
-    assert_ne!(sidecar.current_version(), before);
-    assert_eq!(config["version"], sidecar.current_version());
+    assert_ne!(running_version(sidecar.admin_port).await, before);
+    assert_eq!(config["version"], running_version(sidecar.admin_port).await);
     assert_eq!(config["models"], json!([]));
     let _ = std::fs::remove_file(token_file);
 }
@@ -400,7 +385,7 @@ async fn a_leader_whose_lease_is_taken_mid_pass_writes_nothing_after() {
 
 #[tokio::test]
 async fn a_term_that_ran_out_fences_every_write() {
-    let (_sidecar, port) = sidecar().await;
+    let (_sidecar, port) = sidecar();
     let (client, log) = fake_api(HashMap::new());
     // Renewed last 20 s ago with a 10 s term: no write may go out, even
     // before the leader task notices.

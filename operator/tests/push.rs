@@ -1,33 +1,11 @@
-//! Pushing to real sidecar admin listeners on 127.0.0.1:0.
+//! Pushing to real sidecar processes (the `infergate-sidecar` binary) on
+//! ports of their own choosing.
 
-use std::net::SocketAddr;
+mod testbed;
 
 use infergate_operator::push::{push_all, Pushed, Sidecar};
 use infergate_operator::render::{render, Inputs};
-use infergate_sidecar::serve::{serve, ServeOptions};
-use infergate_sidecar::{admin_app, AppState, Options};
-
-const TOKEN: &str = "operator-push-token";
-
-async fn sidecar() -> (std::sync::Arc<AppState>, SocketAddr) {
-    let state = AppState::new(
-        None,
-        Options {
-            admin_token: Some(TOKEN.into()),
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(
-        listener,
-        admin_app(state.clone()),
-        ServeOptions::default(),
-        std::future::pending(),
-    ));
-    (state, addr)
-}
+use testbed::{running_version, scratch_dir, spawn_sidecar, TOKEN};
 
 fn inputs() -> Inputs {
     let mut i = Inputs::default();
@@ -45,16 +23,17 @@ fn inputs() -> Inputs {
 
 #[tokio::test]
 async fn pushes_only_where_the_version_differs_and_reports_refusals() {
-    let (_a, a_addr) = sidecar().await;
-    let (b, b_addr) = sidecar().await;
+    let dir = scratch_dir("push");
+    let a = spawn_sidecar("a", &dir);
+    let b = spawn_sidecar("b", &dir);
     let sidecars = vec![
         Sidecar {
             name: "a".into(),
-            admin_url: format!("http://{a_addr}"),
+            admin_url: format!("http://127.0.0.1:{}", a.admin_port),
         },
         Sidecar {
             name: "b".into(),
-            admin_url: format!("http://{b_addr}"),
+            admin_url: format!("http://127.0.0.1:{}", b.admin_port),
         },
     ];
     let client = reqwest::Client::new();
@@ -71,7 +50,7 @@ async fn pushes_only_where_the_version_differs_and_reports_refusals() {
         first,
         vec![Pushed::Applied(vec![]), Pushed::Applied(vec![])]
     );
-    assert_eq!(b.current_version(), rendered.version);
+    assert_eq!(running_version(b.admin_port).await, rendered.version);
 
     let again = push_all(
         &client,
@@ -94,7 +73,7 @@ async fn pushes_only_where_the_version_differs_and_reports_refusals() {
         Pushed::Failed(msg) => assert!(msg.contains("not defined"), "{msg}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(b.current_version(), rendered.version);
+    assert_eq!(running_version(b.admin_port).await, rendered.version);
 
     let wrong_token = push_all(
         &client,

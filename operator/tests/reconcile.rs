@@ -114,10 +114,7 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
         "the raw API key leaked into the config"
     );
     assert_eq!(config["keys"][0]["id"], "team-a");
-    assert_eq!(
-        config["keys"][0]["sha256"],
-        infergate_sidecar::config::hash_key(KEY)
-    );
+    assert_eq!(config["keys"][0]["sha256"], infergate_config::hash_key(KEY));
     let backends: Vec<&str> = config["backends"]
         .as_array()
         .unwrap()
@@ -138,8 +135,7 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
     assert_eq!(route["strategy"], "leastInFlight");
     assert_eq!(route["targets"][0]["weight"], 3);
     assert_eq!(route["targets"][0]["upstreamModel"], "meta-llama/Llama-3");
-    let parsed: infergate_sidecar::config::GatewayConfig =
-        serde_json::from_value(config.clone()).unwrap();
+    let parsed: infergate_config::GatewayConfig = serde_json::from_value(config.clone()).unwrap();
     assert_eq!(config["version"], parsed.computed_version());
 
     // Status: the good route is programmed on 2/2 sidecars; the broken one

@@ -1,6 +1,7 @@
 //! The admin listener: config push and read (bearer token), health, metrics.
 //! Never exposed on the public Service.
 
+use infergate_config::UNAVAILABLE_HEADER;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -43,10 +44,6 @@ async fn get_config(
     config.version = Some(table.version.clone());
     Ok((unavailable_header(&table), Json(config)).into_response())
 }
-
-/// Backend ids left out of routing, for the operator's status: a header, so
-/// the config body stays exactly what was put.
-pub const UNAVAILABLE_HEADER: &str = "x-infergate-unavailable-backends";
 
 fn unavailable_header(table: &crate::table::Table) -> [(&'static str, String); 1] {
     let ids: Vec<&str> = table

@@ -5,8 +5,7 @@
 //! them on real sockets.
 //!
 //! Nothing here may panic on a request: no `unwrap`, `expect` or `panic!`
-//! outside tests (enforced below; the simulator is test equipment and is
-//! exempt until it moves to its own crate).
+//! outside tests (enforced below).
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -17,9 +16,10 @@ pub mod api;
 pub mod attest;
 pub mod auth;
 pub mod balance;
-pub mod config;
+pub use infergate_config as config;
 pub mod error;
 pub mod exchange;
+pub mod logging;
 pub mod metrics;
 pub mod peers;
 pub mod proxy;
@@ -28,7 +28,6 @@ pub mod reload;
 pub mod responses;
 pub mod serve;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-pub mod sim;
 pub mod sse;
 pub mod stream;
 pub mod table;

@@ -1,5 +1,6 @@
 //! `infergate-sidecar`: serve the gateway from a YAML file (hot-reloaded) or
-//! from configs pushed by the operator; `demo` runs it with simulators.
+//! from configs pushed by the operator. (`infergate-demo` runs it with
+//! simulators; this binary carries none.)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,51 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use infergate_sidecar::attest::Signer;
-use infergate_sidecar::config::GatewayConfig;
 use infergate_sidecar::reload::{self, FileConfig};
-use infergate_sidecar::serve::{self, ServeOptions};
-use infergate_sidecar::{admin_app, app, AppState, LogLevelSetter, Options, TeeSource};
+use infergate_sidecar::serve;
+use infergate_sidecar::{logging, AppState, LogLevelSetter, Options, TeeSource};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
 
 #[derive(Parser)]
-// Top-level serving flags do not apply to `demo` (it has its own): refuse
-// them there instead of ignoring them.
-#[command(
-    version,
-    about = "infergate gateway sidecar",
-    args_conflicts_with_subcommands = true
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-    #[command(flatten)]
-    serve: ServeArgs,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run with the bundled example config and two built-in vLLM simulators.
-    Demo(DemoArgs),
-}
-
-#[derive(clap::Args)]
-struct DemoArgs {
-    /// Public listener (OpenAI API); port 0 picks a free one.
-    #[arg(long, env = "INFERGATE_DEMO_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Admin listener (metrics, health); port 0 picks a free one.
-    #[arg(
-        long,
-        env = "INFERGATE_DEMO_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9090"
-    )]
-    admin_listen: SocketAddr,
-}
-
-#[derive(clap::Args)]
+#[command(version, about = "infergate gateway sidecar")]
 struct ServeArgs {
     /// YAML config file; re-read when it changes.
     #[arg(long, env = "INFERGATE_CONFIG")]
@@ -99,13 +64,9 @@ struct ServeArgs {
     log_json: bool,
 }
 
-const DEMO_CONFIG: &str = include_str!("../../examples/sidecar.yaml");
-/// The example config holds only this key's hash; printed for the demo.
-const DEMO_KEY: &str = "ig-demo-0123456789abcdef";
-
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let log_level = init_tracing(cli.serve.log_json);
+    let args = ServeArgs::parse();
+    let log_level = logging::init(args.log_json);
     // A panic is a bug: one log line saying where, never a backtrace (it
     // costs memory and may hold request data), whatever RUST_BACKTRACE says.
     std::panic::set_hook(Box::new(|info| {
@@ -118,36 +79,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        match cli.command {
-            Some(Command::Demo(args)) => demo(args).await,
-            None => start(cli.serve, log_level).await,
-        }
-    })
-}
-
-/// Logs go to stderr (stdout carries the listening line and usage records);
-/// the filter can be changed later through the admin port. Colour only on a
-/// terminal: log files and pipes get plain text.
-fn init_tracing(json: bool) -> LogLevelSetter {
-    use std::io::IsTerminal as _;
-    use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{fmt, reload, EnvFilter};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = reload::Layer::new(filter);
-    let layer = fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let registry = tracing_subscriber::registry().with(filter);
-    if json {
-        registry.with(layer.json()).init();
-    } else {
-        registry.with(layer).init();
-    }
-    Box::new(move |directive: &str| {
-        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
-        handle.reload(filter).map_err(|e| e.to_string())
-    })
+    runtime.block_on(start(args, log_level))
 }
 
 async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()> {
@@ -268,129 +200,7 @@ async fn run(
     listen: SocketAddr,
     admin_listen: SocketAddr,
 ) -> anyhow::Result<()> {
-    let public = bind(listen, "--listen").await?;
-    let admin = bind(admin_listen, "--admin-listen").await?;
-    serve_on(state, public, admin).await
-}
-
-async fn serve_on(
-    state: Arc<AppState>,
-    public: TcpListener,
-    admin: TcpListener,
-) -> anyhow::Result<()> {
-    state.listening_on(public.local_addr()?);
-    println!(
-        "infergate-sidecar listening public=http://{} admin=http://{} version={}",
-        public.local_addr()?,
-        admin.local_addr()?,
-        state.current_version()
-    );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown().await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let options = ServeOptions::default();
-    tokio::join!(
-        serve::serve(
-            public,
-            app(state.clone()),
-            options,
-            stopped(stop_rx.clone())
-        ),
-        serve::serve(admin, admin_app(state), options, stopped(stop_rx)),
-    );
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Bind, naming the port and the flag that moves it when the port is taken.
-async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    match TcpListener::bind(addr).await {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
-            "port {} is busy: something already listens on {addr}; choose another with {flag}",
-            addr.port()
-        )),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("binding {addr} ({flag})"))),
-    }
-}
-
-async fn shutdown() {
-    let term = async {
-        #[cfg(unix)]
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-            return;
-        }
-        std::future::pending::<()>().await
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down: no new connections, finishing streams in flight");
-}
-
-/// The example config behind the gateway, its backends replaced by
-/// in-process simulators on free ports; prints every address it uses.
-async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    use infergate_sidecar::sim::{self, SimConfig};
-    let mut config = GatewayConfig::from_yaml(DEMO_CONFIG)?;
-    // Our own listeners first, so a busy port fails before anything starts.
-    let public = bind(args.listen, "--listen").await?;
-    let admin = bind(args.admin_listen, "--admin-listen").await?;
-    let listen = public.local_addr()?;
-    println!("demo: two vLLM simulators behind the gateway; API key (demo only): {DEMO_KEY}");
-    println!("  gateway  http://{listen}  (OpenAI API; demo --listen)");
-    println!(
-        "  admin    http://{}  (/metrics, /healthz, /readyz; demo --admin-listen)",
-        admin.local_addr()?
-    );
-    let upstream_models = |backend: &str| -> Vec<String> {
-        let mut names: Vec<String> = config
-            .models
-            .iter()
-            .flat_map(|m| &m.targets)
-            .filter(|t| t.backend == backend)
-            .filter_map(|t| t.upstream_model.clone())
-            .collect();
-        names.dedup();
-        names
-    };
-    let models: Vec<Vec<String>> = config
-        .backends
-        .iter()
-        .map(|b| upstream_models(&b.id))
-        .collect();
-    for (backend, models) in config.backends.iter_mut().zip(models) {
-        let listener = bind("127.0.0.1:0".parse()?, "(a free port)").await?;
-        backend.url = format!("http://{}", listener.local_addr()?);
-        println!(
-            "  {:<8} {}  (vLLM simulator: {})",
-            backend.id,
-            backend.url,
-            models.join(", ")
-        );
-        let cfg = SimConfig {
-            id: backend.id.clone(),
-            models,
-            tokens: 24,
-            delay: Duration::from_millis(20),
-            ..SimConfig::default()
-        };
-        tokio::spawn(sim::serve(listener, cfg));
-    }
-    let state = AppState::new(Some(config), Options::default())?;
-    println!(
-        "try:\n  curl -sN http://{listen}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' \
-         -H 'Content-Type: application/json' \
-         -d '{{\"model\":\"llama\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
-    );
-    println!("  curl -s http://{listen}/v1/models -H 'Authorization: Bearer {DEMO_KEY}'");
-    serve_on(state, public, admin).await
+    let public = serve::bind(listen, "--listen").await?;
+    let admin = serve::bind(admin_listen, "--admin-listen").await?;
+    Ok(serve::run(state, public, admin).await?)
 }

@@ -1,8 +1,13 @@
 //! The listener loop: hyper's HTTP/1 server with the limits a public port
 //! needs (header read deadline against slowloris clients, header size cap),
 //! Nagle off on every accepted socket, and a graceful drain on shutdown.
+//! `run` serves a sidecar's two ports until SIGTERM or Ctrl-C; the sidecar
+//! binary and the demo both start through it.
 
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -11,7 +16,76 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+use crate::{admin_app, app, AppState};
+
 mod header_limit;
+
+/// Bind, naming the port and the flag that moves it when the port is taken.
+pub async fn bind(addr: SocketAddr, flag: &str) -> io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "port {} is busy: something already listens on {addr}; choose another with {flag}",
+                addr.port()
+            ),
+        )),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("binding {addr} ({flag}): {e}"),
+        )),
+    }
+}
+
+/// Serve the public and admin routers until SIGTERM or Ctrl-C, then drain.
+/// Prints the one `listening` line scripts and tests parse for the ports.
+pub async fn run(state: Arc<AppState>, public: TcpListener, admin: TcpListener) -> io::Result<()> {
+    state.listening_on(public.local_addr()?);
+    println!(
+        "infergate-sidecar listening public=http://{} admin=http://{} version={}",
+        public.local_addr()?,
+        admin.local_addr()?,
+        state.current_version()
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let options = ServeOptions::default();
+    tokio::join!(
+        serve(
+            public,
+            app(state.clone()),
+            options,
+            stopped(stop_rx.clone())
+        ),
+        serve(admin, admin_app(state), options, stopped(stop_rx)),
+    );
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        #[cfg(unix)]
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: no new connections, finishing streams in flight");
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {

@@ -8,8 +8,8 @@ use axum::http::{HeaderMap, HeaderValue, Method};
 use common::*;
 use infergate_sidecar::config::{hash_key, GatewayConfig};
 use infergate_sidecar::peers::{HopAuth, HOP, PIN};
-use infergate_sidecar::sim::SimHandle;
 use infergate_sidecar::{admin_app, app, AppState, Options};
+use infergate_sim::SimHandle;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 

@@ -228,7 +228,7 @@ async fn refused_backend_is_ejected_and_requests_retry_elsewhere() {
 
 #[tokio::test]
 async fn server_errors_retry_on_another_backend_and_fail_cleanly_when_all_fail() {
-    let bad = infergate_sidecar::sim::spawn(infergate_sidecar::sim::SimConfig {
+    let bad = infergate_sim::spawn(infergate_sim::SimConfig {
         id: "bad".into(),
         models: vec![UPSTREAM_MODEL.into()],
         fault: Some("500".parse().unwrap()),

@@ -81,7 +81,7 @@ fn keys_are_hashed_never_copied() {
     assert!(!json.contains("ig-team-a-key-000000000"));
     assert_eq!(
         r.config.keys[0].sha256,
-        infergate_sidecar::config::hash_key("ig-team-a-key-000000000")
+        infergate_config::hash_key("ig-team-a-key-000000000")
     );
     assert_eq!(r.config.keys[0].models, ["llama"]);
 }

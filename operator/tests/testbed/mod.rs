@@ -381,7 +381,7 @@ pub fn sidecar_bin() -> PathBuf {
     );
     assert!(
         path.is_file(),
-        "sidecar binary {path:?} missing: run `cargo build -p infergate-sidecar --bins` first"
+        "sidecar binary {path:?} missing: run `cargo build --workspace --bins` first"
     );
     path
 }
@@ -421,6 +421,14 @@ pub fn spawn_sidecar_on(name: &str, dir: &Path, admin_port: u16, public_port: u1
         admin_port,
         public_port,
     }
+}
+
+/// The version of the config a sidecar process runs ("" when it has none).
+pub async fn running_version(admin_port: u16) -> String {
+    sidecar_config(admin_port)
+        .await
+        .and_then(|c| c["version"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// The config a sidecar process runs, from its admin API.

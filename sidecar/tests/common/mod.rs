@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use infergate_sidecar::config::{hash_key, GatewayConfig};
 use infergate_sidecar::serve::ServeOptions;
-use infergate_sidecar::sim::{self, SimConfig, SimHandle};
 use infergate_sidecar::{admin_app, app, AppState, Options};
+use infergate_sim::{self as sim, SimConfig, SimHandle};
 use tokio::net::TcpListener;
 
 pub const KEY: &str = "ig-test-key-aaaaaaaaaaaa";

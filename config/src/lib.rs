@@ -1,6 +1,7 @@
 //! The gateway configuration: the one schema the sidecar accepts, from a YAML
-//! file or from the operator's `PUT /admin/v1/config`. The operator depends on
-//! these types (the consumer owns the schema), so changes here are API changes.
+//! file or from the operator's `PUT /admin/v1/config`. The operator renders
+//! it and the sidecar runs it; both depend on this crate and on nothing of
+//! each other, so a change here is an API change for both.
 //!
 //! Keys are stored as SHA-256 hashes only; the config never holds a secret
 //! that lets anyone call the gateway.
@@ -9,6 +10,11 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+/// The header of an admin `PUT /admin/v1/config` answer naming the backends
+/// the sidecar took but cannot use (comma-separated ids), e.g. an unreadable
+/// key file; the operator reports them in status.
+pub const UNAVAILABLE_HEADER: &str = "x-infergate-unavailable-backends";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

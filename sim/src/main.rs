@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use infergate_sidecar::sim::{self, Fault, SimConfig};
+use infergate_sim::{self as sim, Fault, SimConfig};
 
 #[derive(Parser)]
 #[command(

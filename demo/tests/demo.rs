@@ -1,4 +1,4 @@
-//! `infergate-sidecar demo` as a process: it honours its listen flags,
+//! `infergate-demo` as a process: it honours its listen flags,
 //! prints every address it uses, serves the example route, and names a busy
 //! port instead of dying obscurely.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 const DEMO_KEY: &str = "ig-demo-0123456789abcdef";
 
 fn demo(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_infergate-sidecar"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_infergate-demo"));
     cmd.args(args)
         .env_remove("INFERGATE_DEMO_LISTEN")
         .env_remove("INFERGATE_DEMO_ADMIN_LISTEN")
@@ -57,15 +57,9 @@ fn address_of(lines: &[String], name: &str) -> String {
 
 #[tokio::test]
 async fn demo_honours_its_flags_prints_every_port_and_serves() {
-    let mut child = demo(&[
-        "demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ])
-    .spawn()
-    .unwrap();
+    let mut child = demo(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .spawn()
+        .unwrap();
     let lines = banner(&mut child);
     let _running = Running(child);
     let gateway = address_of(&lines, "gateway");
@@ -110,7 +104,6 @@ fn a_busy_port_is_named_in_the_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let mut child = demo(&[
-        "demo",
         "--listen",
         &addr.to_string(),
         "--admin-listen",
@@ -141,12 +134,4 @@ fn a_busy_port_is_named_in_the_error() {
         err.contains(&format!("port {} is busy", addr.port())) && err.contains("--listen"),
         "{err}"
     );
-}
-
-#[test]
-fn serving_flags_before_demo_are_refused_not_ignored() {
-    let out = demo(&["--listen", "127.0.0.1:0", "demo"]).output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--listen"), "{err}");
 }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use infergate_sidecar::sim::{self, Fault, SimConfig, SimHandle};
+use infergate_sim::{self as sim, Fault, SimConfig, SimHandle};
 use serde_json::{json, Value};
 
 async fn sim_with(tokens: usize, f: impl FnOnce(&mut SimConfig)) -> SimHandle {
