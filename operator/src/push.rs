@@ -9,10 +9,24 @@ use futures_util::future::join_all;
 use infergate_config::GatewayConfig;
 use serde::Deserialize;
 
+/// A pod, by namespace and name: kept apart, never joined into a string
+/// that has to be split again.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sidecar {
-    /// Pod name, for status and logs.
-    pub name: String,
+    /// The sidecar's pod, for events and logs.
+    pub pod: PodRef,
     /// e.g. `http://10.0.0.7:9090`
     pub admin_url: String,
 }

@@ -5,13 +5,14 @@
 //! sidecar that restarted without its pod changing gets the config back) and
 //! on a back-off after a failure. Only the leader runs passes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use infergate_crds::{InferenceProviderStatus, ModelRoute, ModelRouteStatus};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
+use infergate_crds::{InferenceProvider, InferenceProviderStatus, ModelRoute, ModelRouteStatus};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -25,8 +26,8 @@ use crate::cache::{all, Stores};
 use crate::conditions;
 use crate::leader::Fence;
 use crate::metrics::{Metrics, PushLabels};
-use crate::push::{push_all, Pushed};
-use crate::render::{render, Rendered};
+use crate::push::{push_all, Pushed, Sidecar};
+use crate::render::{render, ObjectKey, Rendered};
 use crate::{inputs, Error, Result};
 
 pub const FIELD_MANAGER: &str = "infergate-operator";
@@ -69,63 +70,114 @@ pub struct Memory {
     statuses: HashMap<(String, String, String), (Option<String>, serde_json::Value)>,
 }
 
+/// One pass: render what the caches hold, store it, push it, report.
 pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
-    let providers = all(&ctx.stores.providers);
-    let routes = all(&ctx.stores.routes);
-    let secrets = all(&ctx.stores.secrets);
-    let slices = all(&ctx.stores.slices);
-    let pods = all(&ctx.stores.pods);
-
-    let sidecars = inputs::sidecars(&pods);
+    let objects = Objects::read(&ctx.stores);
+    let sidecars = inputs::sidecars(&objects.pods);
     let rendered = render(&inputs::gather(
-        &providers,
-        &routes,
-        &secrets,
-        &slices,
+        &objects.providers,
+        &objects.routes,
+        &objects.secrets,
+        &objects.slices,
         sidecars.len(),
-    ));
-    rendered.config.validate()?;
-
-    if memory.stored_version.as_deref() != Some(rendered.version.as_str()) {
-        ctx.fenced()?;
-        store_config(ctx, &rendered).await?;
-        tracing::info!(version = %rendered.version, "stored config");
-        memory.stored_version = Some(rendered.version.clone());
+    ))?;
+    store_if_changed(ctx, memory, &rendered).await?;
+    let results = push(ctx, &sidecars, &rendered).await?;
+    let pushes = report_pushes(ctx, &sidecars, &results, &rendered).await;
+    provider_statuses(ctx, memory, &objects, &rendered, &pushes).await?;
+    route_statuses(ctx, memory, &objects, &rendered, &pushes).await?;
+    if pushes.failed > 0 {
+        return Err(Error::Push {
+            failed: pushes.failed,
+            total: sidecars.len(),
+        });
     }
+    Ok(())
+}
 
+/// This pass's snapshot of the caches.
+struct Objects {
+    providers: Vec<Arc<InferenceProvider>>,
+    routes: Vec<Arc<ModelRoute>>,
+    secrets: Vec<Arc<Secret>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    pods: Vec<Arc<Pod>>,
+}
+
+impl Objects {
+    fn read(stores: &Stores) -> Self {
+        Objects {
+            providers: all(&stores.providers),
+            routes: all(&stores.routes),
+            secrets: all(&stores.secrets),
+            slices: all(&stores.slices),
+            pods: all(&stores.pods),
+        }
+    }
+}
+
+/// What the sidecars made of the push.
+struct Pushes {
+    total: usize,
+    failed: usize,
+    /// How many run the rendered version.
+    programmed: usize,
+    /// Provider -> (backend id, how many sidecars left it out of routing).
+    unavailable: BTreeMap<ObjectKey, Vec<(String, usize)>>,
+}
+
+async fn store_if_changed(ctx: &Context, memory: &mut Memory, rendered: &Rendered) -> Result<()> {
+    if memory.stored_version.as_deref() == Some(rendered.version.as_str()) {
+        return Ok(());
+    }
+    ctx.fenced()?;
+    store_config(ctx, rendered).await?;
+    tracing::info!(version = %rendered.version, "stored config");
+    memory.stored_version = Some(rendered.version.clone());
+    Ok(())
+}
+
+async fn push(ctx: &Context, sidecars: &[Sidecar], rendered: &Rendered) -> Result<Vec<Pushed>> {
     let token = std::fs::read_to_string(&ctx.admin_token_file).map_err(Error::Token)?;
     ctx.fenced()?;
-    let results = push_all(
+    Ok(push_all(
         &ctx.http,
-        &sidecars,
+        sidecars,
         &rendered.config,
         &rendered.version,
         token.trim(),
     )
-    .await;
+    .await)
+}
+
+/// Count, log and (for failures) raise an event on the sidecar's pod.
+async fn report_pushes(
+    ctx: &Context,
+    sidecars: &[Sidecar],
+    results: &[Pushed],
+    rendered: &Rendered,
+) -> Pushes {
     let mut failed = 0;
-    for (sidecar, result) in sidecars.iter().zip(&results) {
-        let result_label = result.metric_label();
+    for (sidecar, result) in sidecars.iter().zip(results) {
         ctx.metrics
             .pushes
             .get_or_create(&PushLabels {
-                result: result_label,
+                result: result.metric_label(),
             })
             .inc();
         match result {
             Pushed::Applied(_) => {
-                tracing::info!(sidecar = %sidecar.name, version = %rendered.version, "pushed config")
+                tracing::info!(sidecar = %sidecar.pod, version = %rendered.version, "pushed config")
             }
             Pushed::Current(_) => {}
             Pushed::Failed(why) => {
                 failed += 1;
-                tracing::warn!(sidecar = %sidecar.name, reason = %why, "config push failed");
-                let (ns, name) = sidecar.name.split_once('/').unwrap_or(("", &sidecar.name));
+                tracing::warn!(sidecar = %sidecar.pod, reason = %why, "config push failed");
                 let pod = ObjectReference {
                     api_version: Some("v1".into()),
                     kind: Some("Pod".into()),
-                    namespace: Some(ns.into()),
-                    name: Some(name.into()),
+                    namespace: Some(sidecar.pod.namespace.clone()),
+                    name: Some(sidecar.pod.name.clone()),
                     ..Default::default()
                 };
                 warn_event(ctx, &pod, "ConfigPushFailed", why.clone()).await;
@@ -133,27 +185,50 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
         }
     }
     let programmed = results.iter().filter(|r| r.runs_version()).count();
-    // Backend id -> how many sidecars left it out of routing.
-    let mut unavailable: std::collections::BTreeMap<&str, usize> = Default::default();
-    for id in results.iter().flat_map(Pushed::unavailable) {
-        *unavailable.entry(id.as_str()).or_default() += 1;
-    }
     ctx.metrics.sidecars_programmed.set(programmed as i64);
+    let mut by_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in results.iter().flat_map(Pushed::unavailable) {
+        *by_backend.entry(id.as_str()).or_default() += 1;
+    }
+    let mut unavailable: BTreeMap<ObjectKey, Vec<(String, usize)>> = BTreeMap::new();
+    for (id, n) in by_backend {
+        if let Some(provider) = rendered.backend_providers.get(id) {
+            unavailable
+                .entry(provider.clone())
+                .or_default()
+                .push((id.to_owned(), n));
+        }
+    }
+    Pushes {
+        total: sidecars.len(),
+        failed,
+        programmed,
+        unavailable,
+    }
+}
 
+async fn provider_statuses(
+    ctx: &Context,
+    memory: &mut Memory,
+    objects: &Objects,
+    rendered: &Rendered,
+    pushes: &Pushes,
+) -> Result<()> {
     let now = Time(Timestamp::now());
-    for p in &providers {
-        let Some(outcome) = rendered.providers.get(&object_key(&**p)) else {
+    for p in &objects.providers {
+        let key = object_key(&**p);
+        let Some(outcome) = rendered.providers.get(&key) else {
             continue;
         };
         let current = p.status.clone().unwrap_or_default();
-        let (ns, name) = object_key(&**p);
-        let own = format!("{ns}/{name}");
-        let unusable: Vec<(&str, usize)> = unavailable
-            .iter()
-            .filter(|(id, _)| **id == own || id.starts_with(&format!("{own}/")))
-            .map(|(id, n)| (*id, *n))
+        let unusable: Vec<(&str, usize)> = pushes
+            .unavailable
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .map(|(id, n)| (id.as_str(), *n))
             .collect();
-        let desired = conditions::for_provider(outcome, &unusable, sidecars.len());
+        let desired = conditions::for_provider(outcome, &unusable, pushes.total);
         let (conditions, changed) =
             conditions::merge(&current.conditions, &desired, p.metadata.generation, &now);
         let status = InferenceProviderStatus {
@@ -165,12 +240,23 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
             write_status(ctx, memory, &**p, &status).await?;
         }
     }
-    for r in &routes {
+    Ok(())
+}
+
+async fn route_statuses(
+    ctx: &Context,
+    memory: &mut Memory,
+    objects: &Objects,
+    rendered: &Rendered,
+    pushes: &Pushes,
+) -> Result<()> {
+    let now = Time(Timestamp::now());
+    for r in &objects.routes {
         let Some(outcome) = rendered.routes.get(&object_key(&**r)) else {
             continue;
         };
         let current = r.status.clone().unwrap_or_default();
-        let desired = conditions::for_route(outcome, programmed, sidecars.len());
+        let desired = conditions::for_route(outcome, pushes.programmed, pushes.total);
         let (conditions, changed) =
             conditions::merge(&current.conditions, &desired, r.metadata.generation, &now);
         let status = ModelRouteStatus {
@@ -183,17 +269,10 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
             route_events(ctx, r, &current.conditions, &status.conditions).await;
         }
     }
-
-    if failed > 0 {
-        return Err(Error::Push {
-            failed,
-            total: sidecars.len(),
-        });
-    }
     Ok(())
 }
 
-fn object_key(obj: &impl ResourceExt) -> (String, String) {
+fn object_key(obj: &impl ResourceExt) -> ObjectKey {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 

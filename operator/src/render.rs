@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use infergate_config::{
-    self as config, ApiKey, Backend, GatewayConfig, KeyLimits, ModelRoute as RouteConfig, Sticky,
-    Target, TimeoutOverrides, Timeouts,
+    self as config, ApiKey, Backend, ConfigError, GatewayConfig, KeyLimits,
+    ModelRoute as RouteConfig, Sticky, Target, TimeoutOverrides, Timeouts,
 };
 use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
 
@@ -49,12 +49,16 @@ pub struct RouteOutcome {
     pub resolved_backends: u32,
 }
 
+/// A config that passed validation, with what status needs to know.
 #[derive(Debug, Clone)]
 pub struct Rendered {
     pub config: GatewayConfig,
     pub version: String,
     pub providers: BTreeMap<ObjectKey, ProviderOutcome>,
     pub routes: BTreeMap<ObjectKey, RouteOutcome>,
+    /// Backend id -> the provider it was made from (sidecars report
+    /// backends by id; status is per provider).
+    pub backend_providers: BTreeMap<String, ObjectKey>,
 }
 
 /// Where the chart mounts a provider's upstream key Secret in the sidecar.
@@ -62,8 +66,12 @@ pub fn upstream_key_path(secret: &str, key: &str) -> String {
     format!("/var/run/infergate/upstream/{secret}/{key}")
 }
 
-pub fn render(inputs: &Inputs) -> Rendered {
+/// The one config for `inputs`, validated here, once: what the operator
+/// stores and pushes is exactly what passed (the sidecar checks again at
+/// its own boundary).
+pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
     let mut backends = Vec::new();
+    let mut backend_providers = BTreeMap::new();
     let mut by_provider: BTreeMap<&ObjectKey, Vec<String>> = BTreeMap::new();
     let mut providers = BTreeMap::new();
     for (key @ (ns, name), spec) in &inputs.providers {
@@ -75,6 +83,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
             },
         );
         by_provider.insert(key, made.iter().map(|b| b.id.clone()).collect());
+        backend_providers.extend(made.iter().map(|b| (b.id.clone(), key.clone())));
         backends.extend(made);
     }
 
@@ -185,14 +194,16 @@ pub fn render(inputs: &Inputs) -> Rendered {
         timeouts: Timeouts::default(),
         limits: Default::default(),
     };
+    config.validate()?;
     let version = config.computed_version();
     config.version = Some(version.clone());
-    Rendered {
+    Ok(Rendered {
         config,
         version,
         providers,
         routes,
-    }
+        backend_providers,
+    })
 }
 
 /// Limits are local to each sidecar, so each enforces its share of the

@@ -3,9 +3,16 @@
 
 mod testbed;
 
-use infergate_operator::push::{push_all, Pushed, Sidecar};
+use infergate_operator::push::{push_all, PodRef, Pushed, Sidecar};
 use infergate_operator::render::{render, Inputs};
 use testbed::{running_version, scratch_dir, spawn_sidecar, TOKEN};
+
+fn pod(name: &str) -> PodRef {
+    PodRef {
+        namespace: "ns".into(),
+        name: name.into(),
+    }
+}
 
 fn inputs() -> Inputs {
     let mut i = Inputs::default();
@@ -28,16 +35,16 @@ async fn pushes_only_where_the_version_differs_and_reports_refusals() {
     let b = spawn_sidecar("b", &dir);
     let sidecars = vec![
         Sidecar {
-            name: "a".into(),
+            pod: pod("a"),
             admin_url: format!("http://127.0.0.1:{}", a.admin_port),
         },
         Sidecar {
-            name: "b".into(),
+            pod: pod("b"),
             admin_url: format!("http://127.0.0.1:{}", b.admin_port),
         },
     ];
     let client = reqwest::Client::new();
-    let rendered = render(&inputs());
+    let rendered = render(&inputs()).unwrap();
     let first = push_all(
         &client,
         &sidecars,
@@ -86,7 +93,7 @@ async fn pushes_only_where_the_version_differs_and_reports_refusals() {
     assert!(matches!(wrong_token[0], Pushed::Failed(_)));
 
     let gone = Sidecar {
-        name: "gone".into(),
+        pod: pod("gone"),
         admin_url: "http://127.0.0.1:1".into(),
     };
     let unreachable = push_all(&client, &[gone], &rendered.config, &rendered.version, TOKEN).await;

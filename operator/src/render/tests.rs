@@ -57,8 +57,7 @@ fn inputs() -> Inputs {
 
 #[test]
 fn renders_a_valid_config_with_one_backend_per_ready_pod() {
-    let r = render(&inputs());
-    r.config.validate().unwrap();
+    let r = render(&inputs()).unwrap();
     let ids: Vec<&str> = r.config.backends.iter().map(|b| b.id.as_str()).collect();
     assert_eq!(ids, ["ai/ext", "ai/pods/10.0.0.1", "ai/pods/10.0.0.2"]);
     let pod = &r.config.backends[1];
@@ -76,7 +75,7 @@ fn renders_a_valid_config_with_one_backend_per_ready_pod() {
 
 #[test]
 fn keys_are_hashed_never_copied() {
-    let r = render(&inputs());
+    let r = render(&inputs()).unwrap();
     let json = serde_json::to_string(&r.config).unwrap();
     assert!(!json.contains("ig-team-a-key-000000000"));
     assert_eq!(
@@ -91,15 +90,14 @@ fn one_key_under_two_ids_is_kept_once() {
     let mut i = inputs();
     i.keys
         .insert("team-b".into(), "ig-team-a-key-000000000".into());
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     let ids: Vec<&str> = r.config.keys.iter().map(|k| k.id.as_str()).collect();
     assert_eq!(ids, ["team-a"]);
 }
 
 #[test]
 fn deterministic_whatever_the_input_order_and_version_is_the_hash() {
-    let a = render(&inputs());
+    let a = render(&inputs()).unwrap();
     let mut reversed = Inputs::default();
     let i = inputs();
     for (k, v) in i.providers.iter().rev() {
@@ -108,7 +106,7 @@ fn deterministic_whatever_the_input_order_and_version_is_the_hash() {
     reversed.routes = i.routes.clone();
     reversed.keys = i.keys.clone();
     reversed.endpoints = i.endpoints.clone();
-    let b = render(&reversed);
+    let b = render(&reversed).unwrap();
     assert_eq!(
         serde_json::to_string(&a.config).unwrap(),
         serde_json::to_string(&b.config).unwrap()
@@ -124,8 +122,7 @@ fn a_route_to_a_missing_provider_says_which_and_is_left_out() {
     let mut partial = route("partial", &["ext", "gone"]);
     partial.api_keys = vec!["someone-else".into()];
     i.routes.insert(key("ai", "partial"), partial);
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     assert_eq!(r.routes[&key("ai", "broken")].missing, ["nope"]);
     assert!(r.config.models.iter().all(|m| m.name != "other"));
     assert_eq!(r.routes[&key("ai", "partial")].missing, ["gone"]);
@@ -138,8 +135,7 @@ fn a_route_to_a_missing_provider_says_which_and_is_left_out() {
 fn name_clashes_reject_the_later_route() {
     let mut i = inputs();
     i.routes.insert(key("ai", "zz-dup"), route("l", &["ext"]));
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     assert!(r.routes[&key("ai", "zz-dup")].rejected.is_some());
     assert_eq!(r.config.models.len(), 1);
 }
@@ -154,7 +150,7 @@ fn services_render_to_cluster_dns_and_deleted_objects_disappear() {
         port: 8000,
     });
     i.providers.insert(key("ai", "svc"), svc);
-    let r = render(&i);
+    let r = render(&i).unwrap();
     assert!(r
         .config
         .backends
@@ -162,7 +158,7 @@ fn services_render_to_cluster_dns_and_deleted_objects_disappear() {
         .any(|b| b.url == "http://vllm-svc.ai.svc:8000"));
     i.routes.clear();
     i.providers.remove(&key("ai", "pods"));
-    let r = render(&i);
+    let r = render(&i).unwrap();
     assert!(r.config.models.is_empty());
     assert!(r
         .config
@@ -181,8 +177,7 @@ fn a_provider_that_lists_its_models_is_used_only_for_those() {
     // Asks `ext` for a model it does not list, and `pods` (no list) for it.
     i.routes
         .insert(key("ai", "mixed"), route("claude", &["ext", "pods"]));
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     assert!(r.routes[&key("ai", "gpt")].unserved.is_empty());
     assert_eq!(r.routes[&key("ai", "gpt")].resolved_backends, 1);
     let mixed = &r.routes[&key("ai", "mixed")];
@@ -213,8 +208,7 @@ fn key_limits_are_rendered_as_each_sidecars_share() {
         },
     );
     i.sidecars = 2;
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     assert_eq!(
         r.config.keys[0].limits,
         Some(KeyLimits {
@@ -225,7 +219,7 @@ fn key_limits_are_rendered_as_each_sidecars_share() {
     );
     i.sidecars = 0;
     assert_eq!(
-        render(&i).config.keys[0]
+        render(&i).unwrap().config.keys[0]
             .limits
             .unwrap()
             .requests_per_minute,
