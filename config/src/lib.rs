@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod ids;
+pub use ids::{BackendId, KeyId};
+
 /// The header of an admin `PUT /admin/v1/config` answer naming the backends
 /// the sidecar took but cannot use (comma-separated ids), e.g. an unreadable
 /// key file; the operator reports them in status.
@@ -39,7 +42,7 @@ pub struct GatewayConfig {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ApiKey {
     /// Identifier safe to log and to put in metrics (never the key itself).
-    pub id: String,
+    pub id: KeyId,
     /// Hex SHA-256 of the full key string as the client sends it.
     pub sha256: String,
     /// Public model names (or aliases) this key may use; `*` means all.
@@ -75,7 +78,7 @@ fn all_models() -> Vec<String> {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Backend {
     /// Stable name, used in metrics, logs and sticky hashing.
-    pub id: String,
+    pub id: BackendId,
     /// Base URL of the OpenAI-compatible server, e.g. `http://127.0.0.1:8000`.
     pub url: String,
     /// Public URL of the sidecar that sits next to this backend, when it is
@@ -119,7 +122,7 @@ pub struct ModelRoute {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Target {
     /// A `Backend::id`.
-    pub backend: String,
+    pub backend: BackendId,
     /// Model name the upstream knows; defaults to the public name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_model: Option<String>,

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use infergate_config::{
-    self as config, ApiKey, Backend, ConfigError, GatewayConfig, KeyLimits,
+    self as config, ApiKey, Backend, BackendId, ConfigError, GatewayConfig, KeyId, KeyLimits,
     ModelRoute as RouteConfig, Sticky, Target, TimeoutOverrides, Timeouts,
 };
 use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
@@ -58,7 +58,7 @@ pub struct Rendered {
     pub routes: BTreeMap<ObjectKey, RouteOutcome>,
     /// Backend id -> the provider it was made from (sidecars report
     /// backends by id; status is per provider).
-    pub backend_providers: BTreeMap<String, ObjectKey>,
+    pub backend_providers: BTreeMap<BackendId, ObjectKey>,
 }
 
 /// Where the chart mounts a provider's upstream key Secret in the sidecar.
@@ -72,7 +72,7 @@ pub fn upstream_key_path(secret: &str, key: &str) -> String {
 pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
     let mut backends = Vec::new();
     let mut backend_providers = BTreeMap::new();
-    let mut by_provider: BTreeMap<&ObjectKey, Vec<String>> = BTreeMap::new();
+    let mut by_provider: BTreeMap<&ObjectKey, Vec<BackendId>> = BTreeMap::new();
     let mut providers = BTreeMap::new();
     for (key @ (ns, name), spec) in &inputs.providers {
         let made = provider_backends(ns, name, spec, inputs);
@@ -169,7 +169,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
         .map(|(id, key)| (id, config::hash_key(key)))
         .filter(|(_, hash)| hashes.insert(hash.clone()))
         .map(|(id, sha256)| ApiKey {
-            id: id.clone(),
+            id: KeyId::new(id.as_str()),
             sha256,
             models: inputs
                 .routes
@@ -237,7 +237,7 @@ fn provider_backends(
         total_ms: None,
     });
     let base = |id: String, url: String, sidecar: Option<String>| Backend {
-        id,
+        id: BackendId::new(id),
         url,
         sidecar,
         attestation: spec.attestation,

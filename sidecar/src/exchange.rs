@@ -100,7 +100,7 @@ impl Exchange {
             .metrics
             .upstream_errors
             .get_or_create(&ErrorLabels {
-                backend: self.backend.id.clone(),
+                backend: self.backend.id.to_string(),
                 kind,
             })
             .inc();
@@ -115,7 +115,7 @@ impl OnEnd for Exchange {
         let rm = route.metrics.get_or_init(|| {
             m.for_route(
                 &route.name,
-                route.targets.iter().map(|t| t.backend.id.clone()),
+                route.targets.iter().map(|t| t.backend.id.to_string()),
             )
         });
         rm.requests[self.target][Metrics::status_index(self.status.as_u16())].inc();
@@ -155,7 +155,7 @@ impl OnEnd for Exchange {
         if let Some(u) = usage {
             let labels = TokenLabels {
                 model: route.name.clone(),
-                key: self.key.id.clone(),
+                key: self.key.id.to_string(),
             };
             m.prompt_tokens
                 .get_or_create(&labels)
@@ -230,7 +230,7 @@ impl Slot {
                 metrics
                     .in_flight
                     .get_or_create(&BackendLabels {
-                        backend: backend.id.clone(),
+                        backend: backend.id.to_string(),
                     })
                     .clone()
             })

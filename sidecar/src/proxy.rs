@@ -130,7 +130,7 @@ pub async fn forward(
                         &Method::POST,
                         endpoint.path(),
                         &request_sha256,
-                        Some(&target.backend.id),
+                        Some(target.backend.id.as_str()),
                     );
                     (body.clone(), Some(signed))
                 }
@@ -331,7 +331,7 @@ async fn pinned_target(
         }
         if let (None, Some(owner)) = (hop, owner) {
             if route.sticky.previous_response_id {
-                return Ok(position(&owner.backend));
+                return Ok(position(owner.backend.as_str()));
             }
         }
     }
@@ -377,7 +377,7 @@ fn count(state: &AppState, backend: &Backend, kind: &'static str) {
         .metrics
         .upstream_errors
         .get_or_create(&ErrorLabels {
-            backend: backend.id.clone(),
+            backend: backend.id.to_string(),
             kind,
         })
         .inc();
@@ -529,7 +529,7 @@ async fn respond(
             headers.append(name.clone(), value.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&exchange.backend.id) {
+    if let Ok(v) = HeaderValue::from_str(exchange.backend.id.as_str()) {
         headers.insert(HeaderName::from_static("x-infergate-backend"), v);
     }
     if let Ok(v) = HeaderValue::from_str(&exchange.request_id) {

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
 
-use crate::config::{ConfigError, GatewayConfig, Limits, Sticky, Strategy, Timeouts};
+use crate::config::{
+    BackendId, ConfigError, GatewayConfig, KeyId, Limits, Sticky, Strategy, Timeouts,
+};
 use crate::quota::KeyQuota;
 
 pub struct Table {
@@ -20,16 +22,16 @@ pub struct Table {
     pub version: String,
     keys: HashMap<[u8; 32], Arc<KeyEntry>>,
     models: HashMap<String, Arc<Route>>,
-    pub backends: HashMap<String, Arc<Backend>>,
+    pub backends: HashMap<BackendId, Arc<Backend>>,
     pub limits: Limits,
     /// Backends left out of routing, with why (e.g. an upstream key file
     /// that cannot be read): one bad backend must not block the whole config,
     /// or a leaked key could not be revoked while it lasts.
-    pub unavailable: Vec<(String, String)>,
+    pub unavailable: Vec<(BackendId, String)>,
 }
 
 pub struct KeyEntry {
-    pub id: String,
+    pub id: KeyId,
     pub hash: [u8; 32],
     pub admin: bool,
     all_models: bool,
@@ -65,7 +67,7 @@ pub struct RouteTarget {
 }
 
 pub struct Backend {
-    pub id: String,
+    pub id: BackendId,
     /// Base URL without trailing slash.
     pub url: String,
     pub sidecar: Option<String>,
@@ -195,7 +197,7 @@ impl Table {
                     max_in_flight: b.max_in_flight,
                     timeouts,
                     api_key,
-                    id_hash: xxhash_rust::xxh3::xxh3_64(b.id.as_bytes()),
+                    id_hash: xxhash_rust::xxh3::xxh3_64(b.id.as_str().as_bytes()),
                     counters,
                     in_flight_gauge: std::sync::OnceLock::new(),
                     client,

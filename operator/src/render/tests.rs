@@ -164,7 +164,7 @@ fn services_render_to_cluster_dns_and_deleted_objects_disappear() {
         .config
         .backends
         .iter()
-        .all(|b| !b.id.starts_with("ai/pods")));
+        .all(|b| !b.id.as_str().starts_with("ai/pods")));
 }
 
 #[test]

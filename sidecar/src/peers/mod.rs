@@ -22,6 +22,7 @@ use futures_util::future::select_ok;
 pub use hop::{Hop, HopAuth, PeerHop, HOP, PIN};
 
 use crate::attest::Records;
+use crate::config::{BackendId, KeyId};
 use crate::table::{Backend, Table};
 
 /// SHA-256 of the empty body: what a body-less hop (a look-up) declares.
@@ -172,8 +173,8 @@ impl Peers {
         let (_, _, body) = self.ask(&self.list(table), &path, headers).await?;
         #[derive(serde::Deserialize)]
         struct Found {
-            backend: String,
-            key_id: String,
+            backend: BackendId,
+            key_id: KeyId,
         }
         let found: Found = serde_json::from_slice(&body).ok()?;
         let owner = Owner {
@@ -218,10 +219,10 @@ impl Peers {
 /// is another one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
-    pub backend: String,
+    pub backend: BackendId,
     pub via: Option<String>,
     /// The key that made the request: only it (or an admin) may follow up.
-    pub key_id: String,
+    pub key_id: KeyId,
 }
 
 pub struct Owners {
