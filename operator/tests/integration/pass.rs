@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::testbed::{running_version, scratch_dir, spawn_sidecar, Sidecar, TOKEN};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use infergate_crds::{InferenceProvider, ModelRoute};
@@ -26,9 +27,6 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::Client;
 use serde_json::{json, Value};
-use testbed::{running_version, scratch_dir, spawn_sidecar, Sidecar, TOKEN};
-
-mod testbed;
 
 /// Every request the operator made: (method, path?query, body).
 type Log = Arc<Mutex<Vec<(String, String, Value)>>>;

@@ -1,11 +1,9 @@
 //! Pushing to real sidecar processes (the `infergate-sidecar` binary) on
 //! ports of their own choosing.
 
-mod testbed;
-
+use crate::testbed::{running_version, scratch_dir, spawn_sidecar, TOKEN};
 use infergate_operator::push::{push_all, PodRef, Pushed, Sidecar};
 use infergate_operator::render::{render, Inputs};
-use testbed::{running_version, scratch_dir, spawn_sidecar, TOKEN};
 
 fn pod(name: &str) -> PodRef {
     PodRef {

@@ -2,17 +2,15 @@
 //! standby takes over when the leader is killed, and at once when the
 //! leader stops gracefully (it releases the Lease).
 
-mod testbed;
-
 use std::time::Duration;
 
+use crate::testbed::objects::*;
+use crate::testbed::*;
 use infergate_crds::{InferenceProvider, ModelRoute};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
-use testbed::objects::*;
-use testbed::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_standby_takes_over_when_the_leader_dies() {

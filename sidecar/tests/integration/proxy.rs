@@ -1,12 +1,10 @@
 //! The gateway over real sockets, in front of real simulator processes'
 //! code (in-process servers on 127.0.0.1:0).
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 

@@ -7,18 +7,16 @@
 //! only rendered into configs, never connected to (tests/python's end to
 //! end test serves real traffic from pods in network namespaces).
 
-mod testbed;
-
 use std::time::Duration;
 
+use crate::testbed::objects::*;
+use crate::testbed::*;
 use infergate_crds::{InferenceProvider, ModelRoute};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
-use testbed::objects::*;
-use testbed::*;
 
 const KEY: &str = "ig-integration-team-a-0123456789";
 
