@@ -4,6 +4,7 @@
 //! kube-apiserver testbed and helm, and say SKIPPED without them (or fail,
 //! under `INFERGATE_KUBE_TESTS=1` as in `scripts/test`).
 
+mod fixtures;
 mod testbed;
 
 mod chart;

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::fixtures::*;
 use crate::testbed::objects::*;
 use crate::testbed::*;
 use infergate_crds::{InferenceProvider, ModelRoute};
@@ -39,34 +40,28 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
 
     // An API key, two providers (a fixed URL; per-pod through EndpointSlices),
     // a route with an alias and a route naming a provider that is not there.
-    create::<Secret>(
+    create::<Secret>(&client, &ns, api_key_secret("team-a", KEY)).await;
+    create::<InferenceProvider>(
         &client,
         &ns,
-        json!({
-            "metadata": {"name": "team-a", "labels": {"infergate.dev/api-key": "true"}},
-            "stringData": {"key": KEY},
-        }),
+        provider(
+            "ext",
+            json!({"url": "https://api.example.invalid/", "attestation": false, "models": ["gpt"]}),
+        ),
     )
-    .await;
-    create::<InferenceProvider>(&client, &ns, json!({
-        "apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
-        "metadata": {"name": "ext"},
-        "spec": {"url": "https://api.example.invalid/", "attestation": false, "models": ["gpt"]},
-    }))
     .await;
     create::<InferenceProvider>(
         &client,
         &ns,
-        json!({
-            "apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
-            "metadata": {"name": "pods"},
-            "spec": {
+        provider(
+            "pods",
+            json!({
                 "endpoints": {"service": "vllm", "port": 8000, "sidecarPort": 8080},
                 "models": ["meta-llama/Llama-3"],
                 "maxConcurrentRequests": 8,
                 "timeouts": {"connectMs": 500, "idleMs": 10000},
-            },
-        }),
+            }),
+        ),
     )
     .await;
     create::<EndpointSlice>(
@@ -75,25 +70,20 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
         slice(&[("192.0.2.2", true), ("192.0.2.3", false)]),
     )
     .await;
-    create::<ModelRoute>(&client, &ns, json!({
-        "apiVersion": "infergate.dev/v1alpha1", "kind": "ModelRoute",
-        "metadata": {"name": "llama"},
-        "spec": {
+    create::<ModelRoute>(&client, &ns, route("llama", json!({
             "model": "llama-3", "aliases": ["llama"],
             "backends": [{"provider": "pods", "upstreamModel": "meta-llama/Llama-3", "weight": 3}],
             "strategy": "leastInFlight",
             "sticky": {"header": "x-session-id", "user": true},
-        },
-    }))
+        })))
     .await;
     create::<ModelRoute>(
         &client,
         &ns,
-        json!({
-            "apiVersion": "infergate.dev/v1alpha1", "kind": "ModelRoute",
-            "metadata": {"name": "broken"},
-            "spec": {"model": "other", "backends": [{"provider": "nope"}]},
-        }),
+        route(
+            "broken",
+            json!({"model": "other", "backends": [{"provider": "nope"}]}),
+        ),
     )
     .await;
 
@@ -233,11 +223,7 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
     create::<InferenceProvider>(
         &client,
         &ns,
-        json!({
-            "apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
-            "metadata": {"name": "nope"},
-            "spec": {"service": {"name": "backup", "port": 8000}},
-        }),
+        crate::fixtures::provider("nope", json!({"service": {"name": "backup", "port": 8000}})),
     )
     .await;
     let config = sidecars_run(&client, &ns, &[&s0, &s1], "late provider resolves", |c| {

@@ -407,16 +407,6 @@ async fn config_swaps_under_load_fail_no_request() {
     gw.settle().await;
 }
 
-async fn wait_for(cond: impl Fn() -> bool) {
-    for _ in 0..300 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached in time");
-}
-
 /// Guards against the 40 ms Nagle/delayed-ACK stall: sockets on both sides
 /// set TCP_NODELAY, so an instant 200-token stream takes milliseconds. The
 /// bound is loose on purpose (a stall costs 40 ms each time); speed itself
