@@ -1,0 +1,69 @@
+//! Model routes: a public name and its aliases, how a backend is chosen,
+//! and the targets it is chosen from.
+
+use serde::{Deserialize, Serialize};
+
+use crate::BackendId;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ModelRoute {
+    /// Public model name clients ask for.
+    pub name: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub sticky: Sticky,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Target {
+    /// A `Backend::id`.
+    pub backend: BackendId,
+    /// Model name the upstream knows; defaults to the public name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_model: Option<String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Strategy {
+    #[default]
+    RoundRobin,
+    LeastInFlight,
+}
+
+/// Where a session key comes from, tried in this order; the first present wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Sticky {
+    /// Request header carrying an explicit session id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// Use `previous_response_id` (Responses API) as the session key.
+    #[serde(default = "crate::yes")]
+    pub previous_response_id: bool,
+    /// Use the request's `user` field as the session key.
+    #[serde(default)]
+    pub user: bool,
+}
+
+impl Default for Sticky {
+    fn default() -> Self {
+        Sticky {
+            header: Some("x-session-id".to_owned()),
+            previous_response_id: true,
+            user: false,
+        }
+    }
+}
