@@ -9,6 +9,10 @@ use crate::BackendId;
 pub struct Backend {
     /// Stable name, used in metrics, logs and sticky hashing.
     pub id: BackendId,
+    /// The group routes name to target every backend in it (the operator
+    /// sets the provider).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Base URL of the OpenAI-compatible server, e.g. `http://127.0.0.1:8000`.
     pub url: String,
     /// Public URL of the sidecar that sits next to this backend, when it is

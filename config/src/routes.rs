@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::BackendId;
+use crate::{BackendId, KeyId};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -17,13 +17,23 @@ pub struct ModelRoute {
     #[serde(default)]
     pub sticky: Sticky,
     pub targets: Vec<Target>,
+    /// When set, only these keys may use the route (and only if their own
+    /// `models` allow it); empty: every key whose `models` allow it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Target {
-    /// A `Backend::id`.
-    pub backend: BackendId,
+    /// One backend, by `Backend::id`; or else
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendId>,
+    /// every backend whose `group` this is (e.g. all pods of a provider),
+    /// each with this target's weight: a route names a fleet of any size in
+    /// one line, so the config grows with routes + pods, not their product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Model name the upstream knows; defaults to the public name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_model: Option<String>,

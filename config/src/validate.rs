@@ -23,6 +23,11 @@ impl GatewayConfig {
             }
         }
         let mut backend_ids = HashSet::new();
+        let groups: HashSet<&str> = self
+            .backends
+            .iter()
+            .filter_map(|b| b.group.as_deref())
+            .collect();
         for b in &self.backends {
             if !backend_ids.insert(b.id.as_str()) {
                 return invalid(format!("backends: duplicate id {:?}", b.id));
@@ -52,17 +57,30 @@ impl GatewayConfig {
                 return invalid(format!("models[{}]: no targets", m.name));
             }
             for t in &m.targets {
-                if !backend_ids.contains(t.backend.as_str()) {
-                    return invalid(format!(
-                        "models[{}]: target backend {:?} is not defined",
-                        m.name, t.backend
-                    ));
-                }
+                let what = match (&t.backend, &t.group) {
+                    (Some(b), None) if backend_ids.contains(b.as_str()) => format!("{b:?}"),
+                    (Some(b), None) => {
+                        return invalid(format!(
+                            "models[{}]: target backend {b:?} is not defined",
+                            m.name
+                        ))
+                    }
+                    (None, Some(g)) if groups.contains(g.as_str()) => format!("group {g:?}"),
+                    (None, Some(g)) => {
+                        return invalid(format!(
+                            "models[{}]: target group {g:?} has no backends",
+                            m.name
+                        ))
+                    }
+                    _ => {
+                        return invalid(format!(
+                            "models[{}]: a target names one backend or one group",
+                            m.name
+                        ))
+                    }
+                };
                 if t.weight == 0 {
-                    return invalid(format!(
-                        "models[{}]: target {:?} has weight 0",
-                        m.name, t.backend
-                    ));
+                    return invalid(format!("models[{}]: target {what} has weight 0", m.name));
                 }
             }
         }

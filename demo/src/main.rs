@@ -62,7 +62,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             .models
             .iter()
             .flat_map(|m| &m.targets)
-            .filter(|t| t.backend == *backend)
+            .filter(|t| t.backend.as_ref() == Some(backend))
             .filter_map(|t| t.upstream_model.clone())
             .collect();
         names.dedup();

@@ -61,6 +61,11 @@ pub struct Rendered {
     pub backend_providers: BTreeMap<BackendId, ObjectKey>,
 }
 
+/// The group a provider's backends form; routes target it by this name.
+fn provider_group((ns, name): &ObjectKey) -> String {
+    format!("{ns}/{name}")
+}
+
 /// Where the chart mounts a provider's upstream key Secret in the sidecar.
 pub fn upstream_key_path(secret: &str, key: &str) -> String {
     format!("/var/run/infergate/upstream/{secret}/{key}")
@@ -109,6 +114,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
         let mut missing = Vec::new();
         let mut unserved = Vec::new();
         let mut targets = Vec::new();
+        let mut resolved_backends = 0;
         for b in &spec.backends {
             let provider = (ns.clone(), b.provider.clone());
             let upstream = b.upstream_model.as_ref().unwrap_or(&spec.model);
@@ -119,11 +125,18 @@ pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
                 Some(_) if !serves(&inputs.providers[&provider]) => {
                     unserved.push(format!("{}: {upstream}", b.provider));
                 }
-                Some(ids) => targets.extend(ids.iter().map(|id| Target {
-                    backend: id.clone(),
-                    upstream_model: b.upstream_model.clone(),
-                    weight: b.weight.max(1),
-                })),
+                // The provider's backends as one group target: the config
+                // grows with routes + pods, not routes x pods.
+                Some(ids) if !ids.is_empty() => {
+                    resolved_backends += ids.len() as u32;
+                    targets.push(Target {
+                        backend: None,
+                        group: Some(provider_group(&provider)),
+                        upstream_model: b.upstream_model.clone(),
+                        weight: b.weight.max(1),
+                    });
+                }
+                Some(_) => {}
             }
         }
         routes.insert(
@@ -132,7 +145,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
                 rejected: None,
                 missing,
                 unserved,
-                resolved_backends: targets.len() as u32,
+                resolved_backends,
             },
         );
         if targets.is_empty() {
@@ -157,11 +170,18 @@ pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
                     previous_response_id: s.previous_response_id,
                 }),
             targets,
+            keys: spec
+                .api_keys
+                .iter()
+                .map(|k| KeyId::new(k.as_str()))
+                .collect(),
         });
     }
 
     // Two ids holding the same key would make the config ambiguous (the
-    // sidecar refuses it): the first id in order keeps it.
+    // sidecar refuses it): the first id in order keeps it. Every key may use
+    // every route that does not name its keys (`ModelRoute::keys`), so a key
+    // costs one line however many routes there are.
     let mut hashes = BTreeSet::new();
     let keys = inputs
         .keys
@@ -171,13 +191,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
         .map(|(id, sha256)| ApiKey {
             id: KeyId::new(id.as_str()),
             sha256,
-            models: inputs
-                .routes
-                .values()
-                .filter(|r| models.iter().any(|m| m.name == r.model))
-                .filter(|r| r.api_keys.is_empty() || r.api_keys.contains(id))
-                .map(|r| r.model.clone())
-                .collect(),
+            models: vec!["*".to_owned()],
             admin: false,
             limits: inputs
                 .limits
@@ -236,8 +250,10 @@ fn provider_backends(
         idle_ms: t.idle_ms,
         total_ms: None,
     });
+    let group = provider_group(&(ns.to_owned(), name.to_owned()));
     let base = |id: String, url: String, sidecar: Option<String>| Backend {
         id: BackendId::new(id),
+        group: Some(group.clone()),
         url,
         sidecar,
         attestation: spec.attestation,

@@ -68,7 +68,15 @@ fn renders_a_valid_config_with_one_backend_per_ready_pod() {
         Some("/var/run/infergate/upstream/up/token")
     );
     assert_eq!(r.config.backends[0].url, "https://api.example.com");
-    assert_eq!(r.config.models[0].targets.len(), 2);
+    // The two pods are one group target: the route does not list them.
+    assert_eq!(r.config.models[0].targets.len(), 1);
+    assert_eq!(
+        r.config.models[0].targets[0].group.as_deref(),
+        Some("ai/pods")
+    );
+    assert!(r.config.backends[1..]
+        .iter()
+        .all(|b| b.group.as_deref() == Some("ai/pods")));
     assert_eq!(r.providers[&key("ai", "pods")].ready_backends, 2);
     assert_eq!(r.routes[&key("ai", "llama")].resolved_backends, 2);
 }
@@ -82,7 +90,9 @@ fn keys_are_hashed_never_copied() {
         r.config.keys[0].sha256,
         infergate_config::hash_key("ig-team-a-key-000000000")
     );
-    assert_eq!(r.config.keys[0].models, ["llama"]);
+    // Every route open to all keys; a key is one line whatever the routes.
+    assert_eq!(r.config.keys[0].models, ["*"]);
+    assert!(r.config.models.iter().all(|m| m.keys.is_empty()));
 }
 
 #[test]
@@ -127,8 +137,14 @@ fn a_route_to_a_missing_provider_says_which_and_is_left_out() {
     assert!(r.config.models.iter().all(|m| m.name != "other"));
     assert_eq!(r.routes[&key("ai", "partial")].missing, ["gone"]);
     assert_eq!(r.routes[&key("ai", "partial")].resolved_backends, 1);
-    // team-a is not among the partial route's keys.
-    assert_eq!(r.config.keys[0].models, ["llama"]);
+    // The partial route names its keys; team-a is not among them.
+    let partial = r
+        .config
+        .models
+        .iter()
+        .find(|m| m.name == "partial")
+        .unwrap();
+    assert_eq!(partial.keys, ["someone-else"]);
 }
 
 #[test]
@@ -191,9 +207,10 @@ fn a_provider_that_lists_its_models_is_used_only_for_those() {
         .unwrap()
         .targets
         .iter()
-        .map(|t| t.backend.as_str())
+        .map(|t| t.group.as_deref().unwrap())
         .collect();
-    assert_eq!(targets, ["ai/pods/10.0.0.1", "ai/pods/10.0.0.2"]);
+    // One group target stands for the provider's two pods.
+    assert_eq!(targets, ["ai/pods"]);
 }
 
 #[test]

@@ -72,7 +72,8 @@ async fn pushes_only_where_the_version_differs_and_reports_refusals() {
 
     // A config the sidecar refuses: the refusal's message comes back.
     let mut broken = rendered.config.clone();
-    broken.models[0].targets[0].backend = "nope".into();
+    broken.models[0].targets[0].backend = Some("nope".into());
+    broken.models[0].targets[0].group = None;
     let refused = push_all(&client, &sidecars[1..], &broken, "v-broken", TOKEN).await;
     match &refused[0] {
         Pushed::Failed(msg) => assert!(msg.contains("not defined"), "{msg}"),

@@ -121,6 +121,8 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
     let route = &config["models"][0];
     assert_eq!(route["aliases"], json!(["llama"]));
     assert_eq!(route["strategy"], "leastInFlight");
+    // The provider's pods are one group target, however many there are.
+    assert_eq!(route["targets"][0]["group"], format!("{ns}/pods"));
     assert_eq!(route["targets"][0]["weight"], 3);
     assert_eq!(route["targets"][0]["upstreamModel"], "meta-llama/Llama-3");
     let parsed: infergate_config::GatewayConfig = serde_json::from_value(config.clone()).unwrap();
@@ -203,9 +205,12 @@ async fn renders_stores_pushes_and_reports_status_through_updates_and_deletes() 
         .unwrap();
     let config = sidecars_run(&client, &ns, &[&s0, &s1], "alias and second pod", |c| {
         c["models"][0]["aliases"] == json!(["llama", "l3"])
-            && c["models"][0]["targets"]
-                .as_array()
-                .is_some_and(|t| t.len() == 2)
+            && c["backends"].as_array().is_some_and(|bs| {
+                bs.iter()
+                    .filter(|b| b["group"] == format!("{ns}/pods"))
+                    .count()
+                    == 2
+            })
     })
     .await;
     assert_eq!(config["backends"].as_array().unwrap().len(), 3);
