@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 mod backends;
+mod delta;
 mod ids;
 mod keys;
 mod limits;
@@ -17,6 +18,7 @@ mod validate;
 mod version;
 
 pub use backends::{Backend, TimeoutOverrides, Timeouts};
+pub use delta::{Changes, ConfigDelta};
 pub use ids::{BackendId, KeyId};
 pub use keys::{hash_key, ApiKey, KeyLimits};
 pub use limits::Limits;

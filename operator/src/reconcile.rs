@@ -24,7 +24,7 @@ use crate::cache::{all, Stores};
 use crate::conditions;
 use crate::leader::Fence;
 use crate::metrics::{Metrics, PushLabels};
-use crate::push::{push_all, Pushed, Sidecar};
+use crate::push::{push_all, Payload, Pushed, Sidecar};
 use crate::render::{render, ObjectKey, Rendered};
 use crate::writes::{route_events, store_config, warn_event, write_status};
 use crate::{inputs, Error, Result};
@@ -65,6 +65,8 @@ impl Context {
 #[derive(Default)]
 pub struct Memory {
     stored_version: Option<String>,
+    /// The config pushed last and its version: deltas are made against it.
+    pushed: Option<(infergate_config::GatewayConfig, String)>,
     /// object -> (resourceVersion it had when we wrote, status we wrote)
     pub(crate) statuses: HashMap<(String, String, String), (Option<String>, serde_json::Value)>,
 }
@@ -81,7 +83,7 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
         sidecars.len(),
     ))?;
     store_if_changed(ctx, memory, &rendered).await?;
-    let results = push(ctx, &sidecars, &rendered).await?;
+    let results = push(ctx, memory, &sidecars, &rendered).await?;
     let pushes = report_pushes(ctx, &sidecars, &results, &rendered).await;
     provider_statuses(ctx, memory, &objects, &rendered, &pushes).await?;
     route_statuses(ctx, memory, &objects, &rendered, &pushes).await?;
@@ -136,17 +138,23 @@ async fn store_if_changed(ctx: &Context, memory: &mut Memory, rendered: &Rendere
     Ok(())
 }
 
-async fn push(ctx: &Context, sidecars: &[Sidecar], rendered: &Rendered) -> Result<Vec<Pushed>> {
+/// The config to every sidecar: a delta to those on the version pushed
+/// last, the whole config to the others.
+async fn push(
+    ctx: &Context,
+    memory: &mut Memory,
+    sidecars: &[Sidecar],
+    rendered: &Rendered,
+) -> Result<Vec<Pushed>> {
     let token = std::fs::read_to_string(&ctx.admin_token_file).map_err(Error::Token)?;
+    let previous = memory.pushed.as_ref().map(|(c, v)| (c, v.as_str()));
+    let payload = Payload::new(&rendered.config, &rendered.version, previous);
     ctx.fenced()?;
-    Ok(push_all(
-        &ctx.http,
-        sidecars,
-        &rendered.config,
-        &rendered.version,
-        token.trim(),
-    )
-    .await)
+    let results = push_all(&ctx.http, sidecars, &payload, token.trim()).await;
+    if memory.pushed.as_ref().map(|(_, v)| v) != Some(&rendered.version) {
+        memory.pushed = Some((rendered.config.clone(), rendered.version.clone()));
+    }
+    Ok(results)
 }
 
 /// Count, log and (for failures) raise an event on the sidecar's pod.
@@ -167,6 +175,9 @@ async fn report_pushes(
         match result {
             Pushed::Applied(_) => {
                 tracing::info!(sidecar = %sidecar.pod, version = %rendered.version, "pushed config")
+            }
+            Pushed::Patched(_) => {
+                tracing::info!(sidecar = %sidecar.pod, version = %rendered.version, "pushed config change")
             }
             Pushed::Current(_) => {}
             Pushed::Failed(why) => {
