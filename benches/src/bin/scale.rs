@@ -52,8 +52,10 @@ fn inputs(routes: usize, pods: usize, keys: usize) -> Inputs {
         );
     }
     for k in 0..keys {
-        i.keys
-            .insert(format!("team-{k:05}"), format!("ig-scale-key-{k:05}-0123456789"));
+        i.keys.insert(
+            format!("team-{k:05}"),
+            format!("ig-scale-key-{k:05}-0123456789"),
+        );
     }
     i.sidecars = 1;
     i
@@ -103,7 +105,9 @@ fn grid(out: &mut String) {
         let mut i = inputs(routes, pods, keys);
         let (t_render, before) = time(5, || render(&i).expect("valid"));
         let (t_ser, full) = time(5, || serde_json::to_vec(&before.config).expect("json"));
-        let (t_apply, _) = time(3, || Table::build(before.config.clone(), None).expect("valid"));
+        let (t_apply, _) = time(3, || {
+            Table::build(before.config.clone(), None).expect("valid")
+        });
         i.keys.remove("team-00042");
         let after = render(&i).expect("valid");
         let delta = before
@@ -182,7 +186,9 @@ async fn revocation(out: &mut String, sidecars: usize, routes: usize, pods: usiz
         hex::decode_to_slice(hash_key("ig-scale-key-00042-0123456789"), &mut h).expect("hex");
         h
     };
-    assert!(states.iter().all(|s| s.table.load().key(&revoked).is_some()));
+    assert!(states
+        .iter()
+        .all(|s| s.table.load().key(&revoked).is_some()));
     // The clock starts when the operator sees the Secret gone.
     let start = Instant::now();
     i.keys.remove("team-00042");
