@@ -83,9 +83,9 @@ async fn patch_config(
     check_token(&s, &headers)?;
     let delta: ConfigDelta = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("config delta rejected: {e}"), None))?;
-    let version = s.swap_with(|current, version| {
-        if version != delta.from {
-            return Err(ApiError::VersionConflict(version.to_owned()));
+    let version = s.swap_with(|current| {
+        if current.version != delta.from {
+            return Err(ApiError::VersionConflict(current.version.clone()));
         }
         current
             .apply(&delta)
