@@ -78,16 +78,17 @@ fn balance(c: &mut Criterion) {
         let rr = table.route("roundRobin").unwrap();
         let lif = table.route("leastInFlight").unwrap();
         g.bench_function(format!("round_robin/{n}"), |b| {
-            b.iter(|| black_box(pick(rr, None, Tried::default(), 0)))
+            b.iter(|| black_box(pick(rr, None, None, Tried::default(), 0)))
         });
         g.bench_function(format!("least_in_flight/{n}"), |b| {
-            b.iter(|| black_box(pick(lif, None, Tried::default(), 0)))
+            b.iter(|| black_box(pick(lif, None, None, Tried::default(), 0)))
         });
         g.bench_function(format!("rendezvous/{n}"), |b| {
             b.iter(|| {
                 black_box(pick(
                     rr,
                     Some(black_box("session-1234")),
+                    None,
                     Tried::default(),
                     0,
                 ))

@@ -87,6 +87,7 @@ pub async fn forward(
     }
     let pinned = pinned_target(&state, &key, route, &headers, &parsed, hop.as_ref()).await?;
     let session = session_key(route, &headers, &parsed);
+    let prefix = crate::prefix::route_key(route, &body, &parsed.prefix);
     // Streams always ask the upstream for usage (quotas need the count);
     // a client that did not ask does not get the usage event.
     let strip_usage = parsed.usage_edit.is_some();
@@ -103,7 +104,8 @@ pub async fn forward(
             route.targets.len().min(MAX_ATTEMPTS)
         };
         for _ in 0..attempts {
-            let Some(i) = pinned.or_else(|| balance::pick(route, session, tried, now_ms())) else {
+            let Some(i) = pinned.or_else(|| balance::pick(route, session, prefix, tried, now_ms()))
+            else {
                 break;
             };
             tried.add(i);

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
 
-use crate::config::{ConfigError, GatewayConfig, Limits, Sticky, Strategy, Timeouts};
+use crate::config::{
+    ConfigError, GatewayConfig, Limits, PrefixAffinity, Sticky, Strategy, Timeouts,
+};
 use crate::quota::KeyQuota;
 
 pub struct Table {
@@ -49,6 +51,7 @@ pub struct Route {
     pub name: String,
     pub strategy: Strategy,
     pub sticky: Sticky,
+    pub prefix: PrefixAffinity,
     pub targets: Vec<RouteTarget>,
     pub total_weight: u64,
     /// Round-robin cursor; relaxed ordering is enough, it only spreads load.
@@ -89,6 +92,8 @@ pub struct BackendCounters {
     /// Milliseconds since `clock_origin()` before which the backend rests.
     pub ejected_until_ms: AtomicU64,
     pub consecutive_failures: AtomicU32,
+    /// Fleet-wide load from the pod's metrics (here or via its sidecar).
+    pub signal: crate::load::Signal,
 }
 
 impl Backend {
@@ -107,6 +112,11 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.counters.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Fleet-wide load estimate; `None` when the pod's metrics vanished.
+    pub fn load(&self, now_ms: u64) -> Option<f64> {
+        self.counters.signal.estimate(self.in_flight(), now_ms)
     }
 
     /// Passive health: rest for `base` doubled per consecutive failure (max 8x).
@@ -221,6 +231,7 @@ impl Table {
                 name: m.name.clone(),
                 strategy: m.strategy,
                 sticky: m.sticky.clone(),
+                prefix: m.prefix,
                 total_weight: targets.iter().map(|t| t.weight as u64).sum(),
                 targets,
                 cursor: AtomicUsize::new(0),
