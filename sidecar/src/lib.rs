@@ -20,6 +20,7 @@ pub use infergate_config as config;
 pub mod error;
 pub mod exchange;
 pub mod load;
+pub mod load_peer;
 pub mod logging;
 pub mod metrics;
 pub mod peers;

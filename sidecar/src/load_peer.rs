@@ -1,0 +1,224 @@
+//! The IO side of load signals: reading this sidecar's own vLLM `/metrics`
+//! and its peers' `GET /v1/internal/load`, on a short period.
+//!
+//! Pull, not push: each sidecar asks each peer for one small JSON document
+//! (its own pods' loads) every `PERIOD_MS`, signed with the peer hop HMAC
+//! like any hop, so only sidecars holding the peer secret may read it and
+//! a public client gets 404. A peer reports only the pods next to it, and
+//! only those are taken from it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, Method};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::load::{parse_vllm, Sample, PERIOD_MS};
+use crate::peers::{self, PeerHop};
+use crate::table::{now_ms, Backend, Table};
+use crate::AppState;
+
+pub const PATH: &str = "/v1/internal/load";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub backends: Vec<Entry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: String,
+    /// `None` when the pod's metrics vanished.
+    pub load: Option<Sample>,
+}
+
+/// Backends served here (not through another sidecar), that are ours to
+/// measure: attested ones, i.e. pods, not external providers.
+fn local<'a>(table: &'a Table, own: &'a [String]) -> impl Iterator<Item = &'a Arc<Backend>> {
+    table
+        .backends
+        .values()
+        .filter(move |b| b.attestation && peers::remote(b.sidecar.as_deref(), own).is_none())
+}
+
+/// What this sidecar knows about its own pods, for peers only.
+pub async fn serve(
+    State(s): State<Arc<AppState>>,
+    PeerHop(hop): PeerHop,
+) -> Result<Json<Report>, ApiError> {
+    if hop.is_none() {
+        return Err(ApiError::NotFound("Not Found".into()));
+    }
+    let table = s.table.load();
+    let own = s.own_urls();
+    let now = now_ms();
+    let backends = local(&table, &own)
+        .map(|b| Entry {
+            id: b.id.clone(),
+            // Its own count already includes the hops peers sent here.
+            load: b.load(now).map(|l| Sample {
+                queue: l.round().clamp(0.0, u32::MAX as f64) as u32,
+                kv_permille: b
+                    .counters
+                    .signal
+                    .sample()
+                    .map_or(0, |(s, _, _)| s.kv_permille),
+            }),
+        })
+        .collect();
+    Ok(Json(Report { backends }))
+}
+
+/// Polls until the process ends; started by `serve::run`.
+pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(PERIOD_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            poll_once(&state).await;
+        }
+    })
+}
+
+/// One round: every own pod's metrics and every peer's report, at once.
+pub async fn poll_once(state: &AppState) {
+    let table = state.table.load_full();
+    let own = state.own_urls();
+    let deadline = Duration::from_millis(4 * PERIOD_MS);
+    let pods = local(&table, &own).map(|b| async move {
+        let text = async {
+            let resp = b
+                .client()
+                .get(format!("{}/metrics", b.url))
+                .timeout(deadline)
+                .send()
+                .await
+                .ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            resp.text().await.ok()
+        };
+        match text.await.as_deref().and_then(parse_vllm) {
+            Some(m) => b
+                .counters
+                .signal
+                .record(m.sample(), b.in_flight(), now_ms()),
+            None => b.counters.signal.lost(),
+        }
+    });
+    let peer_list: Vec<String> = if state.hops.enabled() {
+        peers::peers(&table, &own)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let table_ref = &table;
+    let asks = peer_list.iter().map(|peer| async move {
+        let empty: [u8; 32] = Sha256::digest(b"").into();
+        let headers = state
+            .hops
+            .headers(&HeaderMap::new(), &Method::GET, PATH, &empty, None);
+        let report = async {
+            let resp = state
+                .peer_client
+                .get(format!("{peer}{PATH}"))
+                .headers(headers)
+                .timeout(deadline)
+                .send()
+                .await
+                .ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let body = resp.bytes().await.ok()?;
+            serde_json::from_slice::<Report>(&body).ok()
+        };
+        // A silent peer: its samples age and fade to the local view.
+        if let Some(report) = report.await {
+            apply(table_ref, peer, &report);
+        }
+    });
+    futures_util::future::join(
+        futures_util::future::join_all(pods),
+        futures_util::future::join_all(asks),
+    )
+    .await;
+}
+
+/// Takes from `peer`'s report only the backends that sit behind `peer`.
+pub fn apply(table: &Table, peer: &str, report: &Report) {
+    for e in &report.backends {
+        let Some(b) = table.backends.get(&e.id) else {
+            continue;
+        };
+        if b.sidecar.as_deref() != Some(peer) {
+            continue;
+        }
+        match e.load {
+            Some(sample) => b.counters.signal.record(sample, b.in_flight(), now_ms()),
+            None => b.counters.signal.lost(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GatewayConfig;
+
+    #[test]
+    fn a_peer_speaks_only_for_its_own_pods() {
+        let cfg = GatewayConfig::from_yaml(
+            r#"
+backends:
+  - { id: a, url: "http://a", sidecar: "http://side-a" }
+  - { id: b, url: "http://b", sidecar: "http://side-b" }
+models:
+  - { name: m, targets: [{ backend: a }, { backend: b }] }
+"#,
+        )
+        .unwrap();
+        let t = Table::build(cfg, None).unwrap();
+        let s = |queue| {
+            Some(Sample {
+                queue,
+                kv_permille: 0,
+            })
+        };
+        let report = Report {
+            backends: vec![
+                Entry {
+                    id: "a".into(),
+                    load: s(7),
+                },
+                Entry {
+                    id: "b".into(),
+                    load: s(9),
+                },
+                Entry {
+                    id: "nope".into(),
+                    load: s(1),
+                },
+            ],
+        };
+        apply(&t, "http://side-a", &report);
+        assert_eq!(t.backends["a"].load(now_ms()), Some(7.0));
+        assert_eq!(t.backends["b"].load(now_ms()), Some(0.0));
+        let gone = Report {
+            backends: vec![Entry {
+                id: "a".into(),
+                load: None,
+            }],
+        };
+        apply(&t, "http://side-a", &gone);
+        assert_eq!(t.backends["a"].load(now_ms()), None);
+    }
+}
