@@ -130,9 +130,12 @@ fn bounded(
             weights += t.weight.max(1) as f64;
         }
     }
-    // Capacity per unit of weight with this request placed, as in the
-    // paper: ceil(c x (load + 1) / n), so an idle fleet still takes one each.
-    let per_weight = c * (total + 1.0) / weights.max(1.0);
+    // Capacity per unit of weight with this request placed: as in the paper,
+    // ceil(c x mean), but the mean counts one more request per backend. At a
+    // handful of requests in flight, c x mean alone would bounce a
+    // conversation off a pod running just two (losing its cache for nothing);
+    // under real load the extra one is noise.
+    let per_weight = c * (total + 1.0 + weights) / weights.max(1.0);
     let mut above = f64::INFINITY;
     for _ in 0..route.targets.len() {
         // The next in rendezvous order: the best score below the last one.
@@ -347,8 +350,8 @@ mod tests {
         let mut without = Tried::default();
         without.add(owner);
         let second = pick(route, None, Some(key), without, 0).unwrap();
-        // 4 in flight on the owner, 0 elsewhere: mean with this request is
-        // 1.25; the owner would be at 5 > 1.25 x 1.25.
+        // 4 in flight on the owner, 0 elsewhere: the mean (with this request
+        // and one per backend) is 9/4; the owner would be at 5 > ceil(1.25 x 9/4).
         set_in_flight(route, owner, 4);
         assert_eq!(
             pick(route, None, Some(key), Tried::default(), 0),
