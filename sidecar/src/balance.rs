@@ -84,34 +84,42 @@ fn round_robin(route: &Route, ok: &dyn Fn(usize, &RouteTarget) -> bool) -> Optio
         .find(|&i| ok(i, &route.targets[i]))
 }
 
+/// The less loaded of two backends drawn at random (power of two choices,
+/// as Envoy's least-request balancer). Loads shared between replicas are up
+/// to a period old: "the least loaded" would be the same backend for every
+/// replica until the next sample, and they would all pile on it; the better
+/// of two random ones still avoids busy backends without herding.
 fn least_loaded(
     route: &Route,
     now_ms: u64,
     ok: &dyn Fn(usize, &RouteTarget) -> bool,
 ) -> Option<usize> {
-    let n = route.targets.len();
+    let targets = &route.targets;
+    let n = targets.len();
     if n == 0 {
         return None;
     }
-    // Rotate the start so ties spread instead of piling on the first target.
-    let start = route.cursor.fetch_add(1, Ordering::Relaxed) % n;
-    let mut best: Option<(usize, f64)> = None;
-    for k in 0..n {
-        let i = (start + k) % n;
-        let t = &route.targets[i];
-        if !ok(i, t) {
-            continue;
-        }
-        // Load per unit of weight; a pod whose metrics vanished comes last.
-        let load = t
-            .backend
+    let tick = route.cursor.fetch_add(1, Ordering::Relaxed) as u64;
+    let r = splitmix64(tick ^ crate::table::now_ns());
+    let first = (r % n as u64) as usize;
+    let offset = 1 + ((r >> 32) % (n as u64 - 1).max(1)) as usize;
+    let usable_from = |start: usize, not: Option<usize>| {
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| Some(i) != not && ok(i, &targets[i]))
+    };
+    let a = usable_from(first, None)?;
+    let Some(b) = usable_from(first + offset, Some(a)) else {
+        return Some(a);
+    };
+    // Load per unit of weight; a pod whose metrics vanished comes last.
+    let load = |i: usize| {
+        let t = &targets[i];
+        t.backend
             .load(now_ms)
-            .map_or(f64::INFINITY, |l| (l + 1.0) / t.weight.max(1) as f64);
-        if best.is_none_or(|(_, l)| load < l) {
-            best = Some((i, load));
-        }
-    }
-    best.map(|(i, _)| i)
+            .map_or(f64::INFINITY, |l| (l + 1.0) / t.weight.max(1) as f64)
+    };
+    Some(if load(b) < load(a) { b } else { a })
 }
 
 /// Rendezvous order on `key`, skipping backends whose load per weight
@@ -425,5 +433,16 @@ mod tests {
                 pick(route, Some(&session), None, Tried::default(), 0)
             );
         }
+    }
+
+    #[test]
+    fn least_loaded_avoids_a_busy_backend_without_piling_on_one() {
+        let t = table("leastInFlight", &[1, 1, 1, 1]);
+        let route = t.route("m").unwrap();
+        set_in_flight(route, 0, 10);
+        let c = counts(&t, 600, |_| None);
+        assert_eq!(c[0], 0, "{c:?}");
+        // Three equally idle backends share the requests (no herd on one).
+        assert!(c[1..].iter().all(|&n| n > 100), "{c:?}");
     }
 }

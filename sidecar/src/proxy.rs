@@ -87,7 +87,10 @@ pub async fn forward(
     }
     let pinned = pinned_target(&state, &key, route, &headers, &parsed, hop.as_ref()).await?;
     let session = session_key(route, &headers, &parsed);
-    let prefix = crate::prefix::route_key(route, &body, &parsed.prefix);
+    let prefix = pinned
+        .is_none()
+        .then(|| crate::prefix::route_key(route, &body, &parsed.prefix))
+        .flatten();
     // Streams always ask the upstream for usage (quotas need the count);
     // a client that did not ask does not get the usage event.
     let strip_usage = parsed.usage_edit.is_some();
