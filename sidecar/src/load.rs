@@ -6,7 +6,7 @@
 //! short period (requests running + waiting, KV-cache usage, prefix-cache
 //! queries and hits; see [`parse_vllm`]) and serves what it knows about its
 //! own pods to peers on `GET /v1/internal/load` (hop-authenticated, see
-//! `load_peer`). A sample is used as `queue + what this sidecar sent since`
+//! `load_peer`), read every `PEER_PERIOD_MS`. A sample is used as `queue + what this sidecar sent since`
 //! and fades linearly to this sidecar's own view between `FRESH_MS` and
 //! `STALE_MS` of age, so a silent peer cannot pin an old number. A pod whose
 //! metrics were there and vanished counts as over every bound: it is chosen
@@ -18,8 +18,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 pub const FRESH_MS: u64 = 1_000;
 /// A sample older than this is ignored (the local view alone).
 pub const STALE_MS: u64 = 5_000;
-/// How often a sidecar reads its pods' metrics and its peers' loads.
-pub const PERIOD_MS: u64 = 250;
+/// How often a sidecar asks its peers for their pods' loads. A peer's
+/// number is exact when sent (every request to a pod passes through the
+/// sidecar next to it); what others sent since is unseen, so shorter is
+/// better, and a report is one small JSON document.
+pub const PEER_PERIOD_MS: u64 = 100;
+/// How often a sidecar reads its own vLLM's `/metrics`: rendering them
+/// costs the vLLM API server CPU, and its own in-flight count is fresh
+/// anyway, so less often.
+pub const METRICS_PERIOD_MS: u64 = 300;
 
 /// The latest fleet-wide load of one backend, kept with its counters (so
 /// it survives a config swap). Written by the poller, read per request.

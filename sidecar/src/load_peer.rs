@@ -2,7 +2,7 @@
 //! and its peers' `GET /v1/internal/load`, on a short period.
 //!
 //! Pull, not push: each sidecar asks each peer for one small JSON document
-//! (its own pods' loads) every `PERIOD_MS`, signed with the peer hop HMAC
+//! (its own pods' loads) every `PEER_PERIOD_MS`, signed with the peer hop HMAC
 //! like any hop, so only sidecars holding the peer secret may read it and
 //! a public client gets 404. A peer reports only the pods next to it, and
 //! only those are taken from it.
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::load::{parse_vllm, Sample, PERIOD_MS};
+use crate::load::{parse_vllm, Sample, METRICS_PERIOD_MS, PEER_PERIOD_MS};
 use crate::peers::{self, PeerHop};
 use crate::table::{now_ms, Backend, Table};
 use crate::AppState;
@@ -76,21 +76,27 @@ pub async fn serve(
 /// Polls until the process ends; started by `serve::run`.
 pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(PERIOD_MS));
+        let mut tick = tokio::time::interval(Duration::from_millis(PEER_PERIOD_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let every = (METRICS_PERIOD_MS / PEER_PERIOD_MS).max(1);
+        for n in 0u64.. {
             tick.tick().await;
-            poll_once(&state).await;
+            poll(&state, n % every == 0).await;
         }
     })
 }
 
-/// One round: every own pod's metrics and every peer's report, at once.
+/// One full round: every own pod's metrics and every peer's report.
 pub async fn poll_once(state: &AppState) {
+    poll(state, true).await
+}
+
+/// Every peer's report and, if `metrics`, every own pod's metrics, at once.
+async fn poll(state: &AppState, metrics: bool) {
     let table = state.table.load_full();
     let own = state.own_urls();
-    let deadline = Duration::from_millis(4 * PERIOD_MS);
-    let pods = local(&table, &own).map(|b| async move {
+    let deadline = Duration::from_millis(4 * PEER_PERIOD_MS);
+    let pods = local(&table, &own).filter(|_| metrics).map(|b| async move {
         let text = async {
             let resp = b
                 .client()
