@@ -4,7 +4,8 @@
 //! Four `vllm-sim` pods with a KV-cache model (prefix caching with LRU
 //! eviction, prefill time per uncached token, decode time per output
 //! token, a bounded running set) sit each behind its own `infergate-sidecar`
-//! (peered with the hop secret, as in a cluster). Each request enters at a
+//! (peered with the hop secret, as in a cluster; `ROUTING_SIDECARS=2` puts
+//! two pods behind each of two sidecars). Each request enters at a
 //! random sidecar, as a Kubernetes Service would send it. Three workloads,
 //! generated from one seed (words are tokens to the simulator):
 //! - `multi-turn`: users sharing a 2000-token system prompt, each with a
@@ -337,7 +338,8 @@ async fn run(sessions: &Arc<Vec<Session>>, sidecars: &[Proc], strategy: &Strateg
         .map(|(i, p)| {
             format!(
                 "  - {{ id: pod{i}, url: \"{}\", sidecar: \"{}\" }}\n",
-                p.url, sidecars[i].url
+                p.url,
+                sidecars[i % sidecars.len()].url
             )
         })
         .collect();
@@ -441,7 +443,13 @@ async fn main() {
     std::fs::write(dir.join("admin"), ADMIN).unwrap();
     std::fs::write(dir.join("peer"), "routing-benchmark-peer-secret").unwrap();
     let (admin_file, peer_file) = (dir.join("admin"), dir.join("peer"));
-    let sidecars: Vec<Proc> = (0..PODS)
+    // 2 to 4 sidecars (`ROUTING_SIDECARS`); pod i sits behind sidecar i mod n.
+    let n_sidecars = std::env::var("ROUTING_SIDECARS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PODS)
+        .clamp(2, PODS);
+    let sidecars: Vec<Proc> = (0..n_sidecars)
         .map(|_| {
             spawn(
                 "infergate-sidecar",
@@ -478,7 +486,7 @@ async fn main() {
         for (i, s) in sessions.iter_mut().enumerate() {
             let mut r = Rng::new(SEED.wrapping_add(1_000 + i as u64));
             s.entry = (0..s.turns.len())
-                .map(|_| r.below(PODS as u64) as usize)
+                .map(|_| r.below(sidecars.len() as u64) as usize)
                 .collect();
         }
         let sessions = Arc::new(sessions);
@@ -546,7 +554,7 @@ fn svg(rows: &[Row]) -> String {
     let colors = ["#999999", "#6a9fd4", "#d4a76a", "#2e8b57", "#8fbc8f"];
     let (w, h, left, top, bar, gap) = (720.0, 300.0, 50.0, 30.0, 22.0, 40.0);
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"18\">prefix-cache hit rate (vLLM metrics), 4 pods behind 4 sidecars</text>\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"18\">prefix-cache hit rate (from the pods' vLLM metrics), 4 pods</text>\n"
     );
     let plot_h = h - top - 50.0;
     let mut x = left;
