@@ -349,4 +349,46 @@ mod tests {
         assert_eq!(key(b"{}", &Source::None, 10), None);
         assert_eq!(key(b"{}", &Source::Prompt(1..99), 10), None);
     }
+
+    /// The key from what validation records, end to end over real bodies.
+    fn validated_key(endpoint: crate::validate::Endpoint, body: &serde_json::Value) -> u64 {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let parsed = crate::validate::validate(endpoint, &bytes, 100).unwrap();
+        key(&bytes, &parsed.prefix, 16384).unwrap()
+    }
+
+    #[test]
+    fn validation_records_the_head_of_each_kind_of_request() {
+        use crate::validate::Endpoint;
+        use serde_json::json;
+        let chat = |extra: &[serde_json::Value]| {
+            let mut m = vec![
+                json!({"role": "system", "content": "be kind"}),
+                json!({"role": "user", "content": [{"type": "text", "text": "hi"}]}),
+            ];
+            m.extend_from_slice(extra);
+            json!({"model": "m", "messages": m, "stream": true})
+        };
+        let grown = [
+            json!({"role": "assistant", "content": null, "tool_calls": []}),
+            json!({"role": "tool", "content": "42", "tool_call_id": "t"}),
+        ];
+        assert_eq!(
+            validated_key(Endpoint::Chat, &chat(&[])),
+            validated_key(Endpoint::Chat, &chat(&grown))
+        );
+        let responses = |instructions: &str| json!({"model": "m", "instructions": instructions, "input": "hello"});
+        assert_ne!(
+            validated_key(Endpoint::Responses, &responses("a")),
+            validated_key(Endpoint::Responses, &responses("b"))
+        );
+        let completion = |p: &str| json!({"model": "m", "prompt": p});
+        assert_ne!(
+            validated_key(Endpoint::Completions, &completion("x")),
+            validated_key(Endpoint::Completions, &completion("y"))
+        );
+        let bytes = br#"{"model":"m","input":"text to embed"}"#;
+        let parsed = crate::validate::validate(Endpoint::Embeddings, bytes, 100).unwrap();
+        assert_eq!(parsed.prefix, Source::None);
+    }
 }
