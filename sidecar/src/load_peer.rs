@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::load::{parse_vllm, Sample, METRICS_PERIOD_MS, PEER_PERIOD_MS};
+use crate::metrics::BackendLabels;
 use crate::peers::{self, PeerHop};
 use crate::table::{now_ms, Backend, Table};
 use crate::AppState;
@@ -157,6 +158,16 @@ async fn poll(state: &AppState, metrics: bool) {
         futures_util::future::join_all(asks),
     )
     .await;
+    let now = now_ms();
+    for b in table.backends.values() {
+        state
+            .metrics
+            .backend_load
+            .get_or_create(&BackendLabels {
+                backend: b.id.clone(),
+            })
+            .set(b.load(now).unwrap_or(-1.0));
+    }
 }
 
 /// Takes from `peer`'s report only the backends that sit behind `peer`.

@@ -162,6 +162,11 @@ async fn load_is_shared_between_peers_and_hidden_from_clients() {
     assert_eq!(gws[0].in_flight("b1"), 0, "sidecar 0 sent nothing itself");
     assert_eq!(table.backends["b1"].load(now_ms()), Some(1.0));
     assert_eq!(table.backends["b0"].load(now_ms()), Some(0.0));
+    let metrics = gws[0].metrics().await;
+    assert!(
+        metrics.contains(r#"infergate_backend_load{backend="b1"} 1.0"#),
+        "{metrics}"
+    );
     drop(held);
 }
 
