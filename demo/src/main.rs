@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use infergate_config::GatewayConfig;
+use infergate_config::{BackendId, GatewayConfig};
 use infergate_sidecar::{logging, serve, AppState, Options};
 use infergate_sim::{self as sim, SimConfig};
 
@@ -57,12 +57,12 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         "  admin    http://{}  (/metrics, /healthz, /readyz; --admin-listen)",
         admin.local_addr()?
     );
-    let upstream_models = |backend: &str| -> Vec<String> {
+    let upstream_models = |backend: &BackendId| -> Vec<String> {
         let mut names: Vec<String> = config
             .models
             .iter()
             .flat_map(|m| &m.targets)
-            .filter(|t| t.backend == backend)
+            .filter(|t| t.backend.as_ref() == Some(backend))
             .filter_map(|t| t.upstream_model.clone())
             .collect();
         names.dedup();
@@ -83,7 +83,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             models.join(", ")
         );
         let cfg = SimConfig {
-            id: backend.id.clone(),
+            id: backend.id.to_string(),
             models,
             tokens: 24,
             delay: Duration::from_millis(20),

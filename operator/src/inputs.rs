@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
-use crate::push::Sidecar;
+use crate::push::{PodRef, Sidecar};
 use crate::render::{Inputs, ObjectKey};
 
 /// Admin port of a sidecar pod without the annotation.
@@ -174,14 +174,14 @@ pub fn sidecars(pods: &[impl Borrow<Pod>]) -> Vec<Sidecar> {
             } else {
                 ip.clone()
             };
-            let (ns, name) = key_of(p);
+            let (namespace, name) = key_of(p);
             Some(Sidecar {
-                name: format!("{ns}/{name}"),
+                pod: PodRef { namespace, name },
                 admin_url: format!("http://{host}:{port}"),
             })
         })
         .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.sort_by(|a, b| a.pod.cmp(&b.pod));
     out
 }
 
@@ -360,6 +360,6 @@ mod tests {
                 "http://[fd00::1]:9090"
             ]
         );
-        assert_eq!(s[0].name, "ai/a");
+        assert_eq!(s[0].pod.to_string(), "ai/a");
     }
 }

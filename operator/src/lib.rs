@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod push;
 pub mod reconcile;
 pub mod render;
+pub mod writes;
 
 pub use error::{Error, Result};

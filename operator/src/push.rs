@@ -1,18 +1,35 @@
 //! Delivering a rendered config to sidecars: ask each for the version it
-//! runs, `PUT` only where it differs, retry with back-off. A sidecar that
-//! restarted (and so runs an older or no config) gets it again on the next
-//! pass.
+//! runs; where it runs the previous one, `PATCH` only the change (a key
+//! revocation is a few bytes); elsewhere `PUT` the whole config; retry with
+//! back-off. Serialised once per version, pushed to a bounded number of
+//! sidecars at a time. A sidecar that restarted (and so runs an older or no
+//! config) gets the whole config again on the next pass.
 
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use bytes::Bytes;
+use futures_util::StreamExt;
 use infergate_config::GatewayConfig;
 use serde::Deserialize;
 
+/// A pod, by namespace and name: kept apart, never joined into a string
+/// that has to be split again.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sidecar {
-    /// Pod name, for status and logs.
-    pub name: String,
+    /// The sidecar's pod, for events and logs.
+    pub pod: PodRef,
     /// e.g. `http://10.0.0.7:9090`
     pub admin_url: String,
 }
@@ -25,7 +42,10 @@ pub type Unavailable = Vec<String>;
 pub enum Pushed {
     /// The sidecar already ran this version; nothing was sent.
     Current(Unavailable),
+    /// The whole config was sent and taken.
     Applied(Unavailable),
+    /// Only the change from the version it ran was sent, and taken.
+    Patched(Unavailable),
     /// The sidecar refused the config (its message), or could not be reached.
     Failed(String),
 }
@@ -35,6 +55,7 @@ impl Pushed {
         match self {
             Pushed::Current(_) => "current",
             Pushed::Applied(_) => "applied",
+            Pushed::Patched(_) => "patched",
             Pushed::Failed(_) => "failed",
         }
     }
@@ -45,10 +66,50 @@ impl Pushed {
 
     pub fn unavailable(&self) -> &[String] {
         match self {
-            Pushed::Current(u) | Pushed::Applied(u) => u,
+            Pushed::Current(u) | Pushed::Applied(u) | Pushed::Patched(u) => u,
             Pushed::Failed(_) => &[],
         }
     }
+}
+
+/// One version of the config as it goes on the wire, serialised once for
+/// every sidecar: the whole config, and the delta from the version before
+/// it for the sidecars that run that one.
+pub struct Payload {
+    pub version: String,
+    full: Bytes,
+    /// (the version it applies to, the delta)
+    delta: Option<(String, Bytes)>,
+}
+
+impl Payload {
+    /// `previous`: the config pushed before this one, with its version.
+    pub fn new(
+        config: &GatewayConfig,
+        version: &str,
+        previous: Option<(&GatewayConfig, &str)>,
+    ) -> Self {
+        let delta = previous
+            .filter(|(_, from)| *from != version)
+            .and_then(|(old, from)| old.diff(config, from, version))
+            .map(|d| (d.from.clone(), json(&d)));
+        Payload {
+            version: version.to_owned(),
+            full: json(config),
+            delta,
+        }
+    }
+
+    /// Bytes of the whole config and of the delta, for logs and metrics.
+    pub fn sizes(&self) -> (usize, Option<usize>) {
+        (self.full.len(), self.delta.as_ref().map(|(_, d)| d.len()))
+    }
+}
+
+/// Plain data always serialises; were it ever to fail, the empty body is
+/// refused by the sidecar and reported, never sent as a config.
+fn json(value: &impl serde::Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }
 
 fn unavailable(resp: &reqwest::Response) -> Unavailable {
@@ -80,76 +141,112 @@ struct ErrorMessage {
 }
 
 const ATTEMPTS: u32 = 3;
+/// Sidecars pushed to at once: a thousand pods are not a thousand
+/// simultaneous connections from the operator.
+pub const CONCURRENCY: usize = 64;
+
+/// What one request to the admin API came to.
+enum Answer {
+    Taken(Unavailable),
+    /// The delta was for another version: send the whole config.
+    Conflict,
+    Refused(String),
+    Retry(String),
+}
+
+async fn send(req: reqwest::RequestBuilder) -> Answer {
+    match req.send().await {
+        Ok(resp) if resp.status().is_success() => Answer::Taken(unavailable(&resp)),
+        Ok(resp) if resp.status() == reqwest::StatusCode::CONFLICT => Answer::Conflict,
+        Ok(resp) if resp.status().is_client_error() => {
+            // A refusal will not change on retry: report it now.
+            Answer::Refused(
+                resp.json::<ErrorBody>()
+                    .await
+                    .map(|b| b.error.message)
+                    .unwrap_or_else(|_| "refused without an error body".into()),
+            )
+        }
+        Ok(resp) => Answer::Retry(format!("sidecar answered {}", resp.status())),
+        Err(e) if e.is_connect() => Answer::Retry("sidecar unreachable".into()),
+        Err(_) => Answer::Retry("transport error".into()),
+    }
+}
 
 pub async fn push_one(
     client: &reqwest::Client,
     sidecar: &Sidecar,
-    config: &GatewayConfig,
-    version: &str,
+    payload: &Payload,
     token: &str,
 ) -> Pushed {
-    let url = format!(
-        "{}/admin/v1/config",
-        sidecar.admin_url.trim_end_matches('/')
-    );
+    let base = sidecar.admin_url.trim_end_matches('/');
+    let url = format!("{base}/admin/v1/config");
     let mut last = Pushed::Failed("not tried".into());
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
-        let current = client.get(&url).bearer_auth(token).send().await;
-        if let Ok(resp) = current {
+        let mut running = None;
+        if let Ok(resp) = client
+            .get(format!("{url}/version"))
+            .bearer_auth(token)
+            .send()
+            .await
+        {
             if resp.status().is_success() {
                 let unavailable = unavailable(&resp);
                 if let Ok(v) = resp.json::<Versioned>().await {
-                    if v.version.as_deref() == Some(version) {
+                    if v.version.as_deref() == Some(payload.version.as_str()) {
                         return Pushed::Current(unavailable);
+                    }
+                    running = v.version;
+                }
+            }
+        }
+        let json = |req: reqwest::RequestBuilder, body: &Bytes| {
+            req.bearer_auth(token)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+        };
+        if let Some((from, delta)) = &payload.delta {
+            if running.as_deref() == Some(from.as_str()) {
+                match send(json(client.patch(&url), delta)).await {
+                    Answer::Taken(u) => return Pushed::Patched(u),
+                    Answer::Refused(why) => return Pushed::Failed(why),
+                    // It moved on meanwhile: the whole config below.
+                    Answer::Conflict => {}
+                    Answer::Retry(why) => {
+                        last = Pushed::Failed(why);
+                        continue;
                     }
                 }
             }
         }
-        match client
-            .put(&url)
-            .bearer_auth(token)
-            .json(config)
-            .send()
-            .await
-        {
-            Ok(resp) if resp.status().is_success() => return Pushed::Applied(unavailable(&resp)),
-            Ok(resp) if resp.status().is_client_error() => {
-                // A refusal will not change on retry: report it now.
-                let message = resp
-                    .json::<ErrorBody>()
-                    .await
-                    .map(|b| b.error.message)
-                    .unwrap_or_else(|_| "refused without an error body".into());
-                return Pushed::Failed(message);
-            }
-            Ok(resp) => last = Pushed::Failed(format!("sidecar answered {}", resp.status())),
-            Err(e) => {
-                last = Pushed::Failed(if e.is_connect() {
-                    "sidecar unreachable".into()
-                } else {
-                    "transport error".into()
-                })
-            }
+        match send(json(client.put(&url), &payload.full)).await {
+            Answer::Taken(u) => return Pushed::Applied(u),
+            Answer::Refused(why) => return Pushed::Failed(why),
+            Answer::Conflict => return Pushed::Failed("conflict on a whole config".into()),
+            Answer::Retry(why) => last = Pushed::Failed(why),
         }
     }
     last
 }
 
-/// Push to every sidecar at once; results in the input order.
+/// Push to every sidecar, `CONCURRENCY` at a time; results in input order.
 pub async fn push_all(
     client: &reqwest::Client,
     sidecars: &[Sidecar],
-    config: &GatewayConfig,
-    version: &str,
+    payload: &Payload,
     token: &str,
 ) -> Vec<Pushed> {
-    join_all(
-        sidecars
-            .iter()
-            .map(|s| push_one(client, s, config, version, token)),
-    )
-    .await
+    // Futures made first: a stream over a borrowing `map` closure trips the
+    // compiler's Send check for the spawned reconcile task.
+    let pushes: Vec<_> = sidecars
+        .iter()
+        .map(|s| push_one(client, s, payload, token))
+        .collect();
+    futures_util::stream::iter(pushes)
+        .buffered(CONCURRENCY)
+        .collect()
+        .await
 }

@@ -5,19 +5,18 @@
 //! sidecar that restarted without its pod changing gets the config back) and
 //! on a back-off after a failure. Only the leader runs passes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use infergate_crds::{InferenceProviderStatus, ModelRoute, ModelRouteStatus};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use infergate_crds::{InferenceProvider, InferenceProviderStatus, ModelRoute, ModelRouteStatus};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde::Serialize;
+use kube::runtime::events::Recorder;
+use kube::{Client, ResourceExt};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -25,8 +24,9 @@ use crate::cache::{all, Stores};
 use crate::conditions;
 use crate::leader::Fence;
 use crate::metrics::{Metrics, PushLabels};
-use crate::push::{push_all, Pushed};
-use crate::render::{render, Rendered};
+use crate::push::{push_all, Payload, Pushed, Sidecar};
+use crate::render::{render, ObjectKey, Rendered};
+use crate::writes::{route_events, store_config, warn_event, write_status};
 use crate::{inputs, Error, Result};
 
 pub const FIELD_MANAGER: &str = "infergate-operator";
@@ -51,7 +51,7 @@ pub struct Context {
 
 impl Context {
     /// `Err(NotLeader)` once this replica's term has run out.
-    fn fenced(&self) -> Result<()> {
+    pub(crate) fn fenced(&self) -> Result<()> {
         if self.fence.leads() {
             Ok(())
         } else {
@@ -65,67 +65,129 @@ impl Context {
 #[derive(Default)]
 pub struct Memory {
     stored_version: Option<String>,
+    /// The config pushed last and its version: deltas are made against it.
+    pushed: Option<(infergate_config::GatewayConfig, String)>,
     /// object -> (resourceVersion it had when we wrote, status we wrote)
-    statuses: HashMap<(String, String, String), (Option<String>, serde_json::Value)>,
+    pub(crate) statuses: HashMap<(String, String, String), (Option<String>, serde_json::Value)>,
 }
 
+/// One pass: render what the caches hold, store it, push it, report.
 pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
-    let providers = all(&ctx.stores.providers);
-    let routes = all(&ctx.stores.routes);
-    let secrets = all(&ctx.stores.secrets);
-    let slices = all(&ctx.stores.slices);
-    let pods = all(&ctx.stores.pods);
-
-    let sidecars = inputs::sidecars(&pods);
+    let objects = Objects::read(&ctx.stores);
+    let sidecars = inputs::sidecars(&objects.pods);
     let rendered = render(&inputs::gather(
-        &providers,
-        &routes,
-        &secrets,
-        &slices,
+        &objects.providers,
+        &objects.routes,
+        &objects.secrets,
+        &objects.slices,
         sidecars.len(),
-    ));
-    rendered.config.validate()?;
-
-    if memory.stored_version.as_deref() != Some(rendered.version.as_str()) {
-        ctx.fenced()?;
-        store_config(ctx, &rendered).await?;
-        tracing::info!(version = %rendered.version, "stored config");
-        memory.stored_version = Some(rendered.version.clone());
+    ))?;
+    store_if_changed(ctx, memory, &rendered).await?;
+    let results = push(ctx, memory, &sidecars, &rendered).await?;
+    let pushes = report_pushes(ctx, &sidecars, &results, &rendered).await;
+    provider_statuses(ctx, memory, &objects, &rendered, &pushes).await?;
+    route_statuses(ctx, memory, &objects, &rendered, &pushes).await?;
+    if pushes.failed > 0 {
+        return Err(Error::Push {
+            failed: pushes.failed,
+            total: sidecars.len(),
+        });
     }
+    Ok(())
+}
 
-    let token = std::fs::read_to_string(&ctx.admin_token_file).map_err(Error::Token)?;
+/// This pass's snapshot of the caches.
+struct Objects {
+    providers: Vec<Arc<InferenceProvider>>,
+    routes: Vec<Arc<ModelRoute>>,
+    secrets: Vec<Arc<Secret>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    pods: Vec<Arc<Pod>>,
+}
+
+impl Objects {
+    fn read(stores: &Stores) -> Self {
+        Objects {
+            providers: all(&stores.providers),
+            routes: all(&stores.routes),
+            secrets: all(&stores.secrets),
+            slices: all(&stores.slices),
+            pods: all(&stores.pods),
+        }
+    }
+}
+
+/// What the sidecars made of the push.
+struct Pushes {
+    total: usize,
+    failed: usize,
+    /// How many run the rendered version.
+    programmed: usize,
+    /// Provider -> (backend id, how many sidecars left it out of routing).
+    unavailable: BTreeMap<ObjectKey, Vec<(String, usize)>>,
+}
+
+async fn store_if_changed(ctx: &Context, memory: &mut Memory, rendered: &Rendered) -> Result<()> {
+    if memory.stored_version.as_deref() == Some(rendered.version.as_str()) {
+        return Ok(());
+    }
     ctx.fenced()?;
-    let results = push_all(
-        &ctx.http,
-        &sidecars,
-        &rendered.config,
-        &rendered.version,
-        token.trim(),
-    )
-    .await;
+    store_config(ctx, rendered).await?;
+    tracing::info!(version = %rendered.version, "stored config");
+    memory.stored_version = Some(rendered.version.clone());
+    Ok(())
+}
+
+/// The config to every sidecar: a delta to those on the version pushed
+/// last, the whole config to the others.
+async fn push(
+    ctx: &Context,
+    memory: &mut Memory,
+    sidecars: &[Sidecar],
+    rendered: &Rendered,
+) -> Result<Vec<Pushed>> {
+    let token = std::fs::read_to_string(&ctx.admin_token_file).map_err(Error::Token)?;
+    let previous = memory.pushed.as_ref().map(|(c, v)| (c, v.as_str()));
+    let payload = Payload::new(&rendered.config, &rendered.version, previous);
+    ctx.fenced()?;
+    let results = push_all(&ctx.http, sidecars, &payload, token.trim()).await;
+    if memory.pushed.as_ref().map(|(_, v)| v) != Some(&rendered.version) {
+        memory.pushed = Some((rendered.config.clone(), rendered.version.clone()));
+    }
+    Ok(results)
+}
+
+/// Count, log and (for failures) raise an event on the sidecar's pod.
+async fn report_pushes(
+    ctx: &Context,
+    sidecars: &[Sidecar],
+    results: &[Pushed],
+    rendered: &Rendered,
+) -> Pushes {
     let mut failed = 0;
-    for (sidecar, result) in sidecars.iter().zip(&results) {
-        let result_label = result.metric_label();
+    for (sidecar, result) in sidecars.iter().zip(results) {
         ctx.metrics
             .pushes
             .get_or_create(&PushLabels {
-                result: result_label,
+                result: result.metric_label(),
             })
             .inc();
         match result {
             Pushed::Applied(_) => {
-                tracing::info!(sidecar = %sidecar.name, version = %rendered.version, "pushed config")
+                tracing::info!(sidecar = %sidecar.pod, version = %rendered.version, "pushed config")
+            }
+            Pushed::Patched(_) => {
+                tracing::info!(sidecar = %sidecar.pod, version = %rendered.version, "pushed config change")
             }
             Pushed::Current(_) => {}
             Pushed::Failed(why) => {
                 failed += 1;
-                tracing::warn!(sidecar = %sidecar.name, reason = %why, "config push failed");
-                let (ns, name) = sidecar.name.split_once('/').unwrap_or(("", &sidecar.name));
+                tracing::warn!(sidecar = %sidecar.pod, reason = %why, "config push failed");
                 let pod = ObjectReference {
                     api_version: Some("v1".into()),
                     kind: Some("Pod".into()),
-                    namespace: Some(ns.into()),
-                    name: Some(name.into()),
+                    namespace: Some(sidecar.pod.namespace.clone()),
+                    name: Some(sidecar.pod.name.clone()),
                     ..Default::default()
                 };
                 warn_event(ctx, &pod, "ConfigPushFailed", why.clone()).await;
@@ -133,27 +195,50 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
         }
     }
     let programmed = results.iter().filter(|r| r.runs_version()).count();
-    // Backend id -> how many sidecars left it out of routing.
-    let mut unavailable: std::collections::BTreeMap<&str, usize> = Default::default();
-    for id in results.iter().flat_map(Pushed::unavailable) {
-        *unavailable.entry(id.as_str()).or_default() += 1;
-    }
     ctx.metrics.sidecars_programmed.set(programmed as i64);
+    let mut by_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in results.iter().flat_map(Pushed::unavailable) {
+        *by_backend.entry(id.as_str()).or_default() += 1;
+    }
+    let mut unavailable: BTreeMap<ObjectKey, Vec<(String, usize)>> = BTreeMap::new();
+    for (id, n) in by_backend {
+        if let Some(provider) = rendered.backend_providers.get(id) {
+            unavailable
+                .entry(provider.clone())
+                .or_default()
+                .push((id.to_owned(), n));
+        }
+    }
+    Pushes {
+        total: sidecars.len(),
+        failed,
+        programmed,
+        unavailable,
+    }
+}
 
+async fn provider_statuses(
+    ctx: &Context,
+    memory: &mut Memory,
+    objects: &Objects,
+    rendered: &Rendered,
+    pushes: &Pushes,
+) -> Result<()> {
     let now = Time(Timestamp::now());
-    for p in &providers {
-        let Some(outcome) = rendered.providers.get(&object_key(&**p)) else {
+    for p in &objects.providers {
+        let key = object_key(&**p);
+        let Some(outcome) = rendered.providers.get(&key) else {
             continue;
         };
         let current = p.status.clone().unwrap_or_default();
-        let (ns, name) = object_key(&**p);
-        let own = format!("{ns}/{name}");
-        let unusable: Vec<(&str, usize)> = unavailable
-            .iter()
-            .filter(|(id, _)| **id == own || id.starts_with(&format!("{own}/")))
-            .map(|(id, n)| (*id, *n))
+        let unusable: Vec<(&str, usize)> = pushes
+            .unavailable
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .map(|(id, n)| (id.as_str(), *n))
             .collect();
-        let desired = conditions::for_provider(outcome, &unusable, sidecars.len());
+        let desired = conditions::for_provider(outcome, &unusable, pushes.total);
         let (conditions, changed) =
             conditions::merge(&current.conditions, &desired, p.metadata.generation, &now);
         let status = InferenceProviderStatus {
@@ -165,12 +250,23 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
             write_status(ctx, memory, &**p, &status).await?;
         }
     }
-    for r in &routes {
+    Ok(())
+}
+
+async fn route_statuses(
+    ctx: &Context,
+    memory: &mut Memory,
+    objects: &Objects,
+    rendered: &Rendered,
+    pushes: &Pushes,
+) -> Result<()> {
+    let now = Time(Timestamp::now());
+    for r in &objects.routes {
         let Some(outcome) = rendered.routes.get(&object_key(&**r)) else {
             continue;
         };
         let current = r.status.clone().unwrap_or_default();
-        let desired = conditions::for_route(outcome, programmed, sidecars.len());
+        let desired = conditions::for_route(outcome, pushes.programmed, pushes.total);
         let (conditions, changed) =
             conditions::merge(&current.conditions, &desired, r.metadata.generation, &now);
         let status = ModelRouteStatus {
@@ -183,147 +279,11 @@ pub async fn pass(ctx: &Context, memory: &mut Memory) -> Result<()> {
             route_events(ctx, r, &current.conditions, &status.conditions).await;
         }
     }
-
-    if failed > 0 {
-        return Err(Error::Push {
-            failed,
-            total: sidecars.len(),
-        });
-    }
     Ok(())
 }
 
-fn object_key(obj: &impl ResourceExt) -> (String, String) {
+pub(crate) fn object_key(obj: &impl ResourceExt) -> ObjectKey {
     (obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
-/// The ConfigMap a restarted sidecar can boot from, by server-side apply of
-/// only the fields the operator owns: its data entry and version annotation.
-/// Helm owns the chart's labels; taking one (even the same value, with
-/// force) would make the next `helm upgrade` fail on the conflict.
-fn config_map_apply(name: &str, rendered: &Rendered) -> serde_json::Value {
-    let json = serde_json::to_string_pretty(&rendered.config).expect("config serialises");
-    serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "annotations": {"infergate.dev/config-version": rendered.version},
-        },
-        "data": {CONFIG_KEY: json},
-    })
-}
-
-async fn store_config(ctx: &Context, rendered: &Rendered) -> Result<()> {
-    let cm = config_map_apply(&ctx.config_map, rendered);
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    api.patch(
-        &ctx.config_map,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&cm),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Server-side apply of `status`; `Ok(false)` when skipped because we wrote
-/// exactly this already and the cache has not caught up, or the object is
-/// gone.
-async fn write_status<K>(
-    ctx: &Context,
-    memory: &mut Memory,
-    obj: &K,
-    status: &impl Serialize,
-) -> Result<bool>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let (ns, name) = object_key(obj);
-    let status = serde_json::to_value(status).expect("status serialises");
-    let key = (K::kind(&()).into_owned(), ns.clone(), name.clone());
-    let version = obj.meta().resource_version.clone();
-    if let Some((seen, written)) = memory.statuses.get(&key) {
-        if *seen == version && same_but_timestamps(written, &status) {
-            return Ok(false);
-        }
-    }
-    ctx.fenced()?;
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-    match api
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
-        Err(e) => return Err(e.into()),
-    }
-    tracing::debug!(kind = %K::kind(&()), namespace = %ns, name = %name, "status written");
-    memory.statuses.insert(key, (version, status));
-    Ok(true)
-}
-
-fn same_but_timestamps(a: &serde_json::Value, b: &serde_json::Value) -> bool {
-    fn strip(v: &serde_json::Value) -> serde_json::Value {
-        let mut v = v.clone();
-        if let Some(cs) = v.get_mut("conditions").and_then(|c| c.as_array_mut()) {
-            for c in cs {
-                if let Some(c) = c.as_object_mut() {
-                    c.remove("lastTransitionTime");
-                }
-            }
-        }
-        v
-    }
-    strip(a) == strip(b)
-}
-
-/// A Warning event when a route's `ResolvedRefs` or `Accepted` turns false
-/// (or its reason changes), not on every pass.
-async fn route_events(
-    ctx: &Context,
-    route: &ModelRoute,
-    before: &[Condition],
-    after: &[Condition],
-) {
-    for kind in ["Accepted", "ResolvedRefs"] {
-        let Some(now) = after.iter().find(|c| c.type_ == kind) else {
-            continue;
-        };
-        let was = before.iter().find(|c| c.type_ == kind);
-        let news = was.is_none_or(|w| w.status != now.status || w.reason != now.reason);
-        if now.status == "False" && news {
-            let reference = route.object_ref(&());
-            warn_event(ctx, &reference, &now.reason, now.message.clone()).await;
-        }
-    }
-}
-
-async fn warn_event(ctx: &Context, regarding: &ObjectReference, reason: &str, note: String) {
-    if ctx.fenced().is_err() {
-        return;
-    }
-    let event = Event {
-        type_: EventType::Warning,
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, regarding).await {
-        tracing::warn!(error = %e, reason, "could not publish event");
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

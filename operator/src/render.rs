@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use infergate_config::{
-    self as config, ApiKey, Backend, GatewayConfig, KeyLimits, ModelRoute as RouteConfig, Sticky,
-    Target, TimeoutOverrides, Timeouts,
+    self as config, ApiKey, Backend, BackendId, ConfigError, GatewayConfig, KeyId, KeyLimits,
+    ModelRoute as RouteConfig, Sticky, Target, TimeoutOverrides, Timeouts,
 };
 use infergate_crds::{InferenceProviderSpec, ModelRouteSpec, Strategy};
 
@@ -49,12 +49,21 @@ pub struct RouteOutcome {
     pub resolved_backends: u32,
 }
 
+/// A config that passed validation, with what status needs to know.
 #[derive(Debug, Clone)]
 pub struct Rendered {
     pub config: GatewayConfig,
     pub version: String,
     pub providers: BTreeMap<ObjectKey, ProviderOutcome>,
     pub routes: BTreeMap<ObjectKey, RouteOutcome>,
+    /// Backend id -> the provider it was made from (sidecars report
+    /// backends by id; status is per provider).
+    pub backend_providers: BTreeMap<BackendId, ObjectKey>,
+}
+
+/// The group a provider's backends form; routes target it by this name.
+fn provider_group((ns, name): &ObjectKey) -> String {
+    format!("{ns}/{name}")
 }
 
 /// Where the chart mounts a provider's upstream key Secret in the sidecar.
@@ -62,9 +71,13 @@ pub fn upstream_key_path(secret: &str, key: &str) -> String {
     format!("/var/run/infergate/upstream/{secret}/{key}")
 }
 
-pub fn render(inputs: &Inputs) -> Rendered {
+/// The one config for `inputs`, validated here, once: what the operator
+/// stores and pushes is exactly what passed (the sidecar checks again at
+/// its own boundary).
+pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
     let mut backends = Vec::new();
-    let mut by_provider: BTreeMap<&ObjectKey, Vec<String>> = BTreeMap::new();
+    let mut backend_providers = BTreeMap::new();
+    let mut by_provider: BTreeMap<&ObjectKey, Vec<BackendId>> = BTreeMap::new();
     let mut providers = BTreeMap::new();
     for (key @ (ns, name), spec) in &inputs.providers {
         let made = provider_backends(ns, name, spec, inputs);
@@ -75,6 +88,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
             },
         );
         by_provider.insert(key, made.iter().map(|b| b.id.clone()).collect());
+        backend_providers.extend(made.iter().map(|b| (b.id.clone(), key.clone())));
         backends.extend(made);
     }
 
@@ -100,6 +114,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
         let mut missing = Vec::new();
         let mut unserved = Vec::new();
         let mut targets = Vec::new();
+        let mut resolved_backends = 0;
         for b in &spec.backends {
             let provider = (ns.clone(), b.provider.clone());
             let upstream = b.upstream_model.as_ref().unwrap_or(&spec.model);
@@ -110,11 +125,18 @@ pub fn render(inputs: &Inputs) -> Rendered {
                 Some(_) if !serves(&inputs.providers[&provider]) => {
                     unserved.push(format!("{}: {upstream}", b.provider));
                 }
-                Some(ids) => targets.extend(ids.iter().map(|id| Target {
-                    backend: id.clone(),
-                    upstream_model: b.upstream_model.clone(),
-                    weight: b.weight.max(1),
-                })),
+                // The provider's backends as one group target: the config
+                // grows with routes + pods, not routes x pods.
+                Some(ids) if !ids.is_empty() => {
+                    resolved_backends += ids.len() as u32;
+                    targets.push(Target {
+                        backend: None,
+                        group: Some(provider_group(&provider)),
+                        upstream_model: b.upstream_model.clone(),
+                        weight: b.weight.max(1),
+                    });
+                }
+                Some(_) => {}
             }
         }
         routes.insert(
@@ -123,7 +145,7 @@ pub fn render(inputs: &Inputs) -> Rendered {
                 rejected: None,
                 missing,
                 unserved,
-                resolved_backends: targets.len() as u32,
+                resolved_backends,
             },
         );
         if targets.is_empty() {
@@ -150,11 +172,18 @@ pub fn render(inputs: &Inputs) -> Rendered {
                     previous_response_id: s.previous_response_id,
                 }),
             targets,
+            keys: spec
+                .api_keys
+                .iter()
+                .map(|k| KeyId::new(k.as_str()))
+                .collect(),
         });
     }
 
     // Two ids holding the same key would make the config ambiguous (the
-    // sidecar refuses it): the first id in order keeps it.
+    // sidecar refuses it): the first id in order keeps it. Every key may use
+    // every route that does not name its keys (`ModelRoute::keys`), so a key
+    // costs one line however many routes there are.
     let mut hashes = BTreeSet::new();
     let keys = inputs
         .keys
@@ -162,15 +191,9 @@ pub fn render(inputs: &Inputs) -> Rendered {
         .map(|(id, key)| (id, config::hash_key(key)))
         .filter(|(_, hash)| hashes.insert(hash.clone()))
         .map(|(id, sha256)| ApiKey {
-            id: id.clone(),
+            id: KeyId::new(id.as_str()),
             sha256,
-            models: inputs
-                .routes
-                .values()
-                .filter(|r| models.iter().any(|m| m.name == r.model))
-                .filter(|r| r.api_keys.is_empty() || r.api_keys.contains(id))
-                .map(|r| r.model.clone())
-                .collect(),
+            models: vec!["*".to_owned()],
             admin: false,
             limits: inputs
                 .limits
@@ -187,14 +210,16 @@ pub fn render(inputs: &Inputs) -> Rendered {
         timeouts: Timeouts::default(),
         limits: Default::default(),
     };
+    config.validate()?;
     let version = config.computed_version();
     config.version = Some(version.clone());
-    Rendered {
+    Ok(Rendered {
         config,
         version,
         providers,
         routes,
-    }
+        backend_providers,
+    })
 }
 
 /// Limits are local to each sidecar, so each enforces its share of the
@@ -227,8 +252,10 @@ fn provider_backends(
         idle_ms: t.idle_ms,
         total_ms: None,
     });
+    let group = provider_group(&(ns.to_owned(), name.to_owned()));
     let base = |id: String, url: String, sidecar: Option<String>| Backend {
-        id,
+        id: BackendId::new(id),
+        group: Some(group.clone()),
         url,
         sidecar,
         attestation: spec.attestation,

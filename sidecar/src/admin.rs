@@ -12,13 +12,17 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::config::{ConfigError, GatewayConfig};
+use crate::config::{ConfigDelta, ConfigError, GatewayConfig};
 use crate::error::ApiError;
 use crate::AppState;
 
 pub fn admin_app(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/admin/v1/config", get(get_config).put(put_config))
+        .route(
+            "/admin/v1/config",
+            get(get_config).put(put_config).patch(patch_config),
+        )
+        .route("/admin/v1/config/version", get(get_version))
         .route("/admin/v1/log-level", axum::routing::put(put_log_level))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -54,6 +58,42 @@ fn unavailable_header(table: &crate::table::Table) -> [(&'static str, String); 1
     [(UNAVAILABLE_HEADER, ids.join(","))]
 }
 
+/// The running version only (and the unavailable backends' header): what
+/// the operator reads before each push, without the whole config.
+async fn get_version(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_token(&s, &headers)?;
+    let table = s.table.load();
+    Ok((
+        unavailable_header(&table),
+        Json(json!({"version": table.version})),
+    )
+        .into_response())
+}
+
+/// A `ConfigDelta` against the version running here; 409 for any other
+/// version (the operator then sends the whole config).
+async fn patch_config(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_token(&s, &headers)?;
+    let delta: ConfigDelta = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("config delta rejected: {e}"), None))?;
+    let version = s.swap_with(|current, version| {
+        if version != delta.from {
+            return Err(ApiError::VersionConflict(version.to_owned()));
+        }
+        current
+            .apply(&delta)
+            .map_err(|e| ApiError::invalid(format!("config delta rejected: {e}"), None))
+    })?;
+    applied(&s, version)
+}
+
 async fn put_config(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -74,6 +114,11 @@ async fn put_config(
     let version = parsed
         .and_then(|c| s.swap(c))
         .map_err(|e| ApiError::invalid(format!("config rejected: {e}"), None))?;
+    applied(&s, version)
+}
+
+/// The answer to an applied push: the version and what could not be used.
+fn applied(s: &AppState, version: String) -> Result<Response, ApiError> {
     let table = s.table.load();
     let unavailable: Vec<_> = table
         .unavailable

@@ -10,16 +10,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-
-use crate::attest::Algo;
-use crate::metrics::AlgoLabels;
-
 use tracing::Instrument;
 
+use crate::attest::Algo;
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::metrics::ReasonLabels;
+use crate::metrics::{AlgoLabels, ReasonLabels};
 use crate::peers::PeerHop;
-use crate::validate::Endpoint;
+use crate::validate::{valid_id, Endpoint};
 use crate::AppState;
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -28,9 +26,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         router = router.route(
             endpoint.path(),
             post(
-                move |State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body| {
-                    forward(s, endpoint, headers, body)
-                },
+                move |State(s): State<Arc<AppState>>,
+                      caller: Result<Caller, ApiError>,
+                      headers: HeaderMap,
+                      body: Body| { forward(s, caller, endpoint, headers, body) },
             ),
         );
     }
@@ -53,13 +52,25 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// One span per request, named by its id (never by its content).
-async fn forward(s: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+/// One span per request, named by its id (never by its content); every
+/// refusal, authentication included, is counted by reason.
+async fn forward(
+    s: Arc<AppState>,
+    caller: Result<Caller, ApiError>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let request_id = crate::proxy::request_id();
     let span = tracing::info_span!("request", id = %request_id, path = endpoint.path());
-    let result = crate::proxy::forward(s.clone(), request_id, endpoint, headers, body)
-        .instrument(span.clone())
-        .await;
+    let result = match caller {
+        Ok(caller) => {
+            crate::proxy::forward(s.clone(), caller, request_id, endpoint, headers, body)
+                .instrument(span.clone())
+                .await
+        }
+        Err(e) => Err(e),
+    };
     match result {
         Ok(resp) => resp,
         Err(e) => {
@@ -76,9 +87,7 @@ async fn forward(s: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body:
 }
 
 /// Only the models this key may use.
-async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let table = s.table.load();
-    let key = crate::auth::authenticate(&table, &headers)?;
+async fn models(Caller { key, table }: Caller) -> Result<Response, ApiError> {
     let data: Vec<_> = table
         .public_models()
         .filter(|name| table.route(name).is_some_and(|r| key.may_use(r)))
@@ -100,25 +109,15 @@ struct SignatureQuery {
     signing_algo: Option<String>,
 }
 
-/// Response ids are opaque tokens; anything else (slashes, dots-dots,
-/// control bytes) is refused before it is used as a key anywhere.
-pub fn valid_id(id: &str) -> bool {
-    (1..=256).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-        && !id.contains("..")
-}
-
 async fn signature(
     State(s): State<Arc<AppState>>,
+    Caller { key, table }: Caller,
     PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<SignatureQuery>,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
-    let key = crate::auth::authenticate(&s.table.load(), &headers)?;
     let algo = match q.signing_algo.as_deref() {
         None => Algo::Ecdsa,
         Some(a) => Algo::parse(a).ok_or_else(|| {
@@ -143,7 +142,9 @@ async fn signature(
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or(uri.path());
-        return crate::responses::from_peers(&s, via.as_deref(), path, &headers, hop.is_some())
+        return s
+            .peers
+            .signature(&table, via.as_deref(), path, &headers, hop.is_some())
             .await
             .ok_or_else(not_found);
     };
@@ -187,10 +188,9 @@ struct ReportQuery {
 /// statement signed by both keys, plus a TEE quote where one exists.
 async fn report(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _caller: Caller,
     Query(q): Query<ReportQuery>,
 ) -> Result<Response, ApiError> {
-    crate::auth::authenticate(&s.table.load(), &headers)?;
     let nonce = match q.nonce {
         Some(n)
             if (1..=128).contains(&n.len())
@@ -241,11 +241,10 @@ async fn report(
 /// sidecar served it and the caller's key made it.
 async fn owner(
     State(s): State<Arc<AppState>>,
+    Caller { key, .. }: Caller,
     PeerHop(hop): PeerHop,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let key = crate::auth::authenticate(&s.table.load(), &headers)?;
     let not_found = || ApiError::NotFound(format!("No response `{id}` here."));
     if hop.is_none() || !valid_id(&id) {
         return Err(not_found());

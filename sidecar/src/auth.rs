@@ -7,12 +7,37 @@
 
 use std::sync::Arc;
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::table::{KeyEntry, Table};
+use crate::AppState;
+
+/// The caller of a public endpoint: its key, and the one routing-table
+/// snapshot the whole request uses (a config swapped mid-request never
+/// mixes two tables into one answer). As an extractor it runs before the
+/// handler and before the body is read, so no handler can forget it.
+pub struct Caller {
+    pub key: Arc<KeyEntry>,
+    pub table: Arc<Table>,
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let table = state.table.load_full();
+        let key = authenticate(&table, &parts.headers)?;
+        Ok(Caller { key, table })
+    }
+}
 
 /// Keys are 16..=256 visible ASCII characters; anything else is rejected
 /// before it costs a hash.

@@ -47,6 +47,9 @@ pub enum ApiError {
     ForgedHop,
     #[error("Content-Type must be application/json.")]
     UnsupportedMediaType,
+    /// A config delta for another version than the one running here.
+    #[error("This sidecar runs config version {0}; send the whole config.")]
+    VersionConflict(String),
 }
 
 fn retry_secs(d: std::time::Duration) -> u64 {
@@ -69,6 +72,7 @@ impl ApiError {
             ModelNotFound(_) | NotFound(_) | NotSigned(_) => StatusCode::NOT_FOUND,
             InvalidRequest { .. } | ForgedHop => StatusCode::BAD_REQUEST,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            VersionConflict(_) => StatusCode::CONFLICT,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             NoBackend(_) | AtCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -101,6 +105,7 @@ impl ApiError {
             AtCapacity(_) => "at_capacity",
             ForgedHop => "forged_internal_header",
             UnsupportedMediaType => "unsupported_media_type",
+            VersionConflict(_) => "version_conflict",
         }
     }
 
@@ -122,6 +127,13 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed(_) => Some("model"),
             _ => None,
         }
+    }
+}
+
+/// A config the sidecar refuses, as the admin API answers it.
+impl From<crate::config::ConfigError> for ApiError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        ApiError::invalid(format!("config rejected: {e}"), None)
     }
 }
 

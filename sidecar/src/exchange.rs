@@ -10,7 +10,9 @@ use axum::http::StatusCode;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
+use crate::attest::{Record, Unsigned};
 use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, TokenLabels};
+use crate::peers::Owner;
 use crate::quota::KeySlot;
 use crate::sse::Usage;
 use crate::stream::{End, EndCause, OnEnd};
@@ -63,12 +65,42 @@ fn estimate(end: &End, request_bytes: u64) -> Usage {
 }
 
 impl Exchange {
+    /// Keep what a signature needs, before the client sees the terminal
+    /// event. The sidecar next to the model keeps the hashes and signs; one
+    /// that forwarded keeps only where the answer came from.
+    fn record_answer(&self, end: &End) {
+        let Some(id) = &end.scan.id else { return };
+        let owner = Owner {
+            backend: self.backend.id.clone(),
+            via: self.via.clone(),
+            key_id: self.key.id.clone(),
+        };
+        let records = &self.state.records;
+        if self.via.is_some() {
+            records.insert(id.clone(), Record::forwarded(owner));
+            return;
+        }
+        let unsigned = if !self.status.is_success() {
+            Some(Unsigned::ErrorStatus)
+        } else if end.cause != EndCause::Completed {
+            Some(Unsigned::Incomplete)
+        } else if !self.backend.attestation {
+            Some(Unsigned::NotAttested)
+        } else {
+            None
+        };
+        records.insert(
+            id.clone(),
+            Record::new(owner, &self.request_sha256, &end.response_sha256, unsigned),
+        );
+    }
+
     pub fn count_upstream_error(&self, kind: &'static str) {
         self.state
             .metrics
             .upstream_errors
             .get_or_create(&ErrorLabels {
-                backend: self.backend.id.clone(),
+                backend: self.backend.id.to_string(),
                 kind,
             })
             .inc();
@@ -83,7 +115,7 @@ impl OnEnd for Exchange {
         let rm = route.metrics.get_or_init(|| {
             m.for_route(
                 &route.name,
-                route.targets.iter().map(|t| t.backend.id.clone()),
+                route.targets.iter().map(|t| t.backend.id.to_string()),
             )
         });
         rm.requests[self.target][Metrics::status_index(self.status.as_u16())].inc();
@@ -123,7 +155,7 @@ impl OnEnd for Exchange {
         if let Some(u) = usage {
             let labels = TokenLabels {
                 model: route.name.clone(),
-                key: self.key.id.clone(),
+                key: self.key.id.to_string(),
             };
             m.prompt_tokens
                 .get_or_create(&labels)
@@ -135,14 +167,7 @@ impl OnEnd for Exchange {
                 q.charge_tokens(now_ns(), u.prompt_tokens + u.completion_tokens);
             }
         }
-        self.state.record_answer(
-            &self.key,
-            &self.backend,
-            self.via.as_deref(),
-            self.status,
-            self.request_sha256,
-            &end,
-        );
+        self.record_answer(&end);
         tracing::debug!(
             request_id = %self.request_id,
             key = %self.key.id,
@@ -205,7 +230,7 @@ impl Slot {
                 metrics
                     .in_flight
                     .get_or_create(&BackendLabels {
-                        backend: backend.id.clone(),
+                        backend: backend.id.to_string(),
                     })
                     .clone()
             })

@@ -42,17 +42,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::http::StatusCode;
 use sha2::{Digest, Sha256};
 
 pub use admin::admin_app;
 pub use api::app;
-use attest::{Record, Records, Signer, Unsigned};
+use attest::{Records, Signer};
 use config::{ConfigError, GatewayConfig};
 use metrics::{Metrics, ReasonLabels, VersionLabels};
-use peers::{Owner, Owners};
-use stream::{End, EndCause};
-use table::{Backend, KeyEntry, Table};
+use peers::{Owners, Peers};
+use table::Table;
 
 pub struct AppState {
     /// Read with one atomic load per request; replaced whole on a swap.
@@ -61,18 +59,8 @@ pub struct AppState {
     pub signer: Signer,
     pub records: Records,
     pub tee: Option<TeeSource>,
-    /// Owners learnt from peers (answers seen here are in `records`).
-    pub owners: Owners,
-    /// This sidecar's public URL as other sidecars reach it; backends whose
-    /// `sidecar` is this URL are local.
-    pub self_url: Option<String>,
-    /// Every URL that names this sidecar (`self_url` and its listener's):
-    /// a backend behind one of them is served here, never forwarded.
-    own_urls: ArcSwap<Vec<String>>,
-    /// For talking to peer sidecars (signature and owner look-ups).
-    pub peer_client: reqwest::Client,
-    /// Signs the hops this sidecar makes, checks the ones it receives.
-    pub hops: peers::HopAuth,
+    /// The other sidecars: forwarding to them, asking them.
+    pub peers: Peers,
     /// Where usage records go, if anywhere.
     pub usage: Option<usage::UsageLog>,
     /// Signalled when a backend slot frees up, for requests queued on a
@@ -97,7 +85,8 @@ pub struct Options {
     /// How many answer records to keep, and for how long.
     pub records_capacity: Option<u64>,
     pub records_ttl: Option<Duration>,
-    /// See `AppState::self_url`.
+    /// This sidecar's public URL as other sidecars reach it; backends whose
+    /// `sidecar` is this URL are local.
     pub self_url: Option<String>,
     /// Shared by every sidecar of a deployment; authenticates hops between
     /// them. Without it this sidecar neither makes nor accepts hops.
@@ -134,30 +123,21 @@ impl AppState {
             );
             s
         });
+        let capacity = options.records_capacity.unwrap_or(100_000);
+        let ttl = options.records_ttl.unwrap_or(Duration::from_secs(3600));
+        let peers = Peers::new(
+            options.self_url,
+            options.peer_secret,
+            Owners::new(capacity, ttl),
+        )
+        .map_err(|e| ConfigError::Invalid(format!("HTTP client: {e}")))?;
         let state = AppState {
             table: ArcSwap::from_pointee(Table::empty()),
             metrics: Metrics::default(),
             signer,
-            records: Records::new(
-                options.records_capacity.unwrap_or(100_000),
-                options.records_ttl.unwrap_or(Duration::from_secs(3600)),
-            ),
+            records: Records::new(capacity, ttl),
             tee: options.tee,
-            owners: Owners::new(
-                options.records_capacity.unwrap_or(100_000),
-                options.records_ttl.unwrap_or(Duration::from_secs(3600)),
-            ),
-            own_urls: ArcSwap::from_pointee(
-                options
-                    .self_url
-                    .iter()
-                    .map(|u| u.trim_end_matches('/').to_owned())
-                    .collect(),
-            ),
-            self_url: options.self_url.map(|u| u.trim_end_matches('/').to_owned()),
-            peer_client: table::upstream_client(2_000)
-                .map_err(|e| ConfigError::Invalid(format!("HTTP client: {e}")))?,
-            hops: peers::HopAuth::new(options.peer_secret),
+            peers,
             log_level: options.log_level,
             slot_freed: Arc::new(tokio::sync::Notify::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
@@ -179,12 +159,24 @@ impl AppState {
     /// Validate, compile and atomically install a config. On error the old
     /// table stays in place untouched. Returns the new version.
     pub fn swap(&self, config: GatewayConfig) -> Result<String, ConfigError> {
+        self.swap_with(|_, _| Ok(config))
+    }
+
+    /// Like `swap`, with the next config made from the running one and its
+    /// version, under the swap lock (a delta applies to exactly the config
+    /// it was made for, whatever else is being pushed at the same time).
+    pub fn swap_with<E: From<ConfigError>>(
+        &self,
+        next: impl FnOnce(&GatewayConfig, &str) -> Result<GatewayConfig, E>,
+    ) -> Result<String, E> {
         let _guard = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.table.load_full();
-        match Table::build(config, Some(&current)) {
+        let built = next(&current.config, &current.version)
+            .and_then(|config| Table::build(config, Some(&current)).map_err(E::from));
+        match built {
             Ok(table) => {
                 let version = table.version.clone();
-                self.warn_if_peers_without_secret(&table);
+                self.peers.warn_if_unreachable(&table);
                 self.install(table);
                 self.count_swap("applied");
                 tracing::info!(%version, "config installed");
@@ -220,110 +212,13 @@ impl AppState {
             .inc();
     }
 
-    /// The public listener is bound: the URLs that name it are this
-    /// sidecar's own (so a config that names it is not forwarded to itself).
+    /// The public listener is bound (see `Peers::listening_on`).
     pub fn listening_on(&self, addr: std::net::SocketAddr) {
-        let mut own: Vec<String> = self.self_url.iter().cloned().collect();
-        own.extend(peers::own_urls(addr));
-        self.own_urls.store(Arc::new(own));
-        self.warn_if_peers_without_secret(&self.table.load());
-    }
-
-    /// URLs naming this sidecar.
-    pub fn own_urls(&self) -> arc_swap::Guard<Arc<Vec<String>>> {
-        self.own_urls.load()
-    }
-
-    fn warn_if_peers_without_secret(&self, table: &Table) {
-        if !self.hops.enabled() && !peers::peers(table, &self.own_urls.load()).is_empty() {
-            tracing::warn!(
-                "the config names other sidecars but no peer secret is set \
-                 (--peer-secret-file): their backends are unavailable from here"
-            );
-        }
+        self.peers.listening_on(addr);
+        self.peers.warn_if_unreachable(&self.table.load());
     }
 
     pub fn current_version(&self) -> String {
         self.table.load().version.clone()
-    }
-
-    /// Called once per answered request when its body ended, before the
-    /// client sees the terminal event: keep what a signature needs.
-    fn record_answer(
-        &self,
-        key: &KeyEntry,
-        backend: &Backend,
-        via: Option<&str>,
-        status: StatusCode,
-        request_sha256: [u8; 32],
-        end: &End,
-    ) {
-        let Some(id) = &end.scan.id else { return };
-        let owner = Owner {
-            backend: backend.id.clone(),
-            via: via.map(str::to_owned),
-            key_id: key.id.clone(),
-        };
-        if via.is_some() {
-            // The sidecar next to the model keeps the hashes and signs.
-            self.records.insert(id.clone(), Record::forwarded(owner));
-            return;
-        }
-        let unsigned = if !status.is_success() {
-            Some(Unsigned::ErrorStatus)
-        } else if end.cause != EndCause::Completed {
-            Some(Unsigned::Incomplete)
-        } else if !backend.attestation {
-            Some(Unsigned::NotAttested)
-        } else {
-            None
-        };
-        self.records.insert(
-            id.clone(),
-            Record::new(owner, &request_sha256, &end.response_sha256, unsigned),
-        );
-    }
-}
-
-impl AppState {
-    /// Who produced response `id`: remembered here, or learnt from a peer
-    /// (never when this request is itself a hop, so look-ups do not bounce).
-    pub async fn find_owner(
-        &self,
-        id: &str,
-        headers: &axum::http::HeaderMap,
-        hop: bool,
-    ) -> Option<Owner> {
-        if let Some(r) = self.records.get(id) {
-            return Some(r.owner.clone());
-        }
-        if let Some(o) = self.owners.get(id) {
-            return Some(o);
-        }
-        if hop || !self.hops.enabled() {
-            return None;
-        }
-        let table = self.table.load_full();
-        let own = self.own_urls();
-        let peer_list = peers::peers(&table, &own);
-        let path = format!("/v1/internal/owner/{id}");
-        let empty: [u8; 32] = Sha256::digest(b"").into();
-        let hdrs = self
-            .hops
-            .headers(headers, &axum::http::Method::GET, &path, &empty, None);
-        let (_, _, body) = peers::ask(&self.peer_client, &peer_list, &path, &hdrs).await?;
-        #[derive(serde::Deserialize)]
-        struct Found {
-            backend: String,
-            key_id: String,
-        }
-        let found: Found = serde_json::from_slice(&body).ok()?;
-        let owner = Owner {
-            backend: found.backend,
-            via: None,
-            key_id: found.key_id,
-        };
-        self.owners.remember(id.to_owned(), owner.clone());
-        Some(owner)
     }
 }

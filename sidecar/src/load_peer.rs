@@ -14,12 +14,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use crate::config::BackendId;
 use crate::error::ApiError;
 use crate::load::{parse_vllm, Sample, METRICS_PERIOD_MS, PEER_PERIOD_MS};
 use crate::metrics::BackendLabels;
-use crate::peers::{self, PeerHop};
+use crate::peers::{PeerHop, Peers, Reach, EMPTY_SHA256};
 use crate::table::{now_ms, Backend, Table};
 use crate::AppState;
 
@@ -32,18 +32,18 @@ pub struct Report {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Entry {
-    pub id: String,
+    pub id: BackendId,
     /// `None` when the pod's metrics vanished.
     pub load: Option<Sample>,
 }
 
 /// Backends served here (not through another sidecar), that are ours to
 /// measure: attested ones, i.e. pods, not external providers.
-fn local<'a>(table: &'a Table, own: &'a [String]) -> impl Iterator<Item = &'a Arc<Backend>> {
+fn local<'a>(table: &'a Table, peers: &'a Peers) -> impl Iterator<Item = &'a Arc<Backend>> {
     table
         .backends
         .values()
-        .filter(move |b| b.attestation && peers::remote(b.sidecar.as_deref(), own).is_none())
+        .filter(move |b| b.attestation && peers.reach(b, false) == Reach::Here)
 }
 
 /// What this sidecar knows about its own pods, for peers only.
@@ -55,9 +55,8 @@ pub async fn serve(
         return Err(ApiError::NotFound("Not Found".into()));
     }
     let table = s.table.load();
-    let own = s.own_urls();
     let now = now_ms();
-    let backends = local(&table, &own)
+    let backends = local(&table, &s.peers)
         .map(|b| Entry {
             id: b.id.clone(),
             // Its own count already includes the hops peers sent here.
@@ -95,47 +94,43 @@ pub async fn poll_once(state: &AppState) {
 /// Every peer's report and, if `metrics`, every own pod's metrics, at once.
 async fn poll(state: &AppState, metrics: bool) {
     let table = state.table.load_full();
-    let own = state.own_urls();
+    let peers = &state.peers;
     let deadline = Duration::from_millis(4 * PEER_PERIOD_MS);
-    let pods = local(&table, &own).filter(|_| metrics).map(|b| async move {
-        let text = async {
-            let resp = b
-                .client()
-                .get(format!("{}/metrics", b.url))
-                .timeout(deadline)
-                .send()
-                .await
-                .ok()?;
-            if !resp.status().is_success() {
-                return None;
+    let pods = local(&table, peers)
+        .filter(|_| metrics)
+        .map(|b| async move {
+            let text = async {
+                let resp = b
+                    .client()
+                    .get(format!("{}/metrics", b.url))
+                    .timeout(deadline)
+                    .send()
+                    .await
+                    .ok()?;
+                if !resp.status().is_success() {
+                    return None;
+                }
+                resp.text().await.ok()
+            };
+            match text.await.as_deref().and_then(parse_vllm) {
+                Some(m) => b
+                    .counters
+                    .signal
+                    .record(m.sample(), b.in_flight(), now_ms()),
+                None => b.counters.signal.lost(),
             }
-            resp.text().await.ok()
-        };
-        match text.await.as_deref().and_then(parse_vllm) {
-            Some(m) => b
-                .counters
-                .signal
-                .record(m.sample(), b.in_flight(), now_ms()),
-            None => b.counters.signal.lost(),
-        }
-    });
-    let peer_list: Vec<String> = if state.hops.enabled() {
-        peers::peers(&table, &own)
-            .into_iter()
-            .map(str::to_owned)
-            .collect()
+        });
+    let peer_list: Vec<String> = if peers.enabled() {
+        peers.list(&table).into_iter().map(str::to_owned).collect()
     } else {
         Vec::new()
     };
     let table_ref = &table;
     let asks = peer_list.iter().map(|peer| async move {
-        let empty: [u8; 32] = Sha256::digest(b"").into();
-        let headers = state
-            .hops
-            .headers(&HeaderMap::new(), &Method::GET, PATH, &empty, None);
+        let headers = peers.hop_headers(&HeaderMap::new(), &Method::GET, PATH, &EMPTY_SHA256, None);
         let report = async {
-            let resp = state
-                .peer_client
+            let resp = peers
+                .client()
                 .get(format!("{peer}{PATH}"))
                 .headers(headers)
                 .timeout(deadline)
@@ -164,7 +159,7 @@ async fn poll(state: &AppState, metrics: bool) {
             .metrics
             .backend_load
             .get_or_create(&BackendLabels {
-                backend: b.id.clone(),
+                backend: b.id.to_string(),
             })
             .set(b.load(now).unwrap_or(-1.0));
     }

@@ -18,11 +18,12 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
+use crate::auth::Caller;
 use crate::balance::{self, Tried};
 use crate::error::ApiError;
 use crate::exchange::{Exchange, Slot};
 use crate::metrics::ErrorLabels;
-use crate::peers;
+use crate::peers::{self, Reach};
 use crate::sse;
 use crate::stream::{error_kind, End, EndCause, Observed, OnEnd};
 use crate::table::{now_ms, now_ns, Backend, KeyEntry, Route, RouteTarget, Table};
@@ -35,19 +36,19 @@ const MAX_ATTEMPTS: usize = 3;
 
 pub async fn forward(
     state: Arc<AppState>,
+    Caller { key, table }: Caller,
     request_id: String,
     endpoint: Endpoint,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, ApiError> {
     let received = Instant::now();
-    let table = state.table.load_full();
-    let key = crate::auth::authenticate(&table, &headers)?;
     let form_boundary = body_type(endpoint, &headers)?;
     // Internal headers are checked before the body is read; a genuine hop
     // was admitted (and is charged) by the sidecar the client reached.
     let hop = state
-        .hops
+        .peers
+        .hops()
         .verify(&headers, &Method::POST, endpoint.path())?;
     // Quotas before the body is read: a refused request costs no more.
     let mut key_slot = match key.quota.as_ref().filter(|_| hop.is_none()) {
@@ -85,7 +86,8 @@ pub async fn forward(
     if !key.may_use(route) {
         return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
     }
-    let pinned = pinned_target(&state, &key, route, &headers, &parsed, hop.as_ref()).await?;
+    let pinned =
+        pinned_target(&state, &table, &key, route, &headers, &parsed, hop.as_ref()).await?;
     let session = session_key(route, &headers, &parsed);
     let prefix = pinned
         .is_none()
@@ -116,27 +118,24 @@ pub async fn forward(
             let Some(slot) = Slot::acquire(&target.backend, &state) else {
                 continue;
             };
-            let via = if hop.is_some() {
-                None
-            } else {
-                peers::remote(target.backend.sidecar.as_deref(), &state.own_urls())
+            let via = match state.peers.reach(&target.backend, hop.is_some()) {
+                Reach::Here => None,
+                Reach::Peer(peer) => Some(peer),
+                Reach::Unreachable => {
+                    last_error = Some(ApiError::NoBackend(route.name.clone()));
+                    continue;
+                }
             };
-            if via.is_some() && !state.hops.enabled() {
-                // Without the peer secret the peer would take the request
-                // for a client's and forward it again.
-                last_error = Some(ApiError::NoBackend(route.name.clone()));
-                continue;
-            }
             let (upstream_body, hop_headers) = match via {
                 // The peer gets the client's bytes; it resolves the alias
                 // and asks for usage itself.
                 Some(_) => {
-                    let signed = state.hops.headers(
+                    let signed = state.peers.hop_headers(
                         &headers,
                         &Method::POST,
                         endpoint.path(),
                         &request_sha256,
-                        Some(&target.backend.id),
+                        Some(target.backend.id.as_str()),
                     );
                     (body.clone(), Some(signed))
                 }
@@ -199,7 +198,8 @@ pub async fn forward(
                     // On a hop the usage event goes on to the peer, which
                     // removes it from what its client gets.
                     let strip = strip_usage.then_some(hop.is_none());
-                    return respond(resp, exchange, strip).await;
+                    let max_bytes = table.limits.max_response_bytes;
+                    return respond(resp, exchange, strip, max_bytes).await;
                 }
                 Err(Failure::NotStarted(kind, err)) => {
                     fail(&state, &table, &target.backend, kind);
@@ -300,6 +300,7 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
 /// same 404 an unknown id gets, here and when the owner is a peer's.
 async fn pinned_target(
     state: &AppState,
+    table: &Table,
     key: &KeyEntry,
     route: &Route,
     headers: &HeaderMap,
@@ -308,7 +309,7 @@ async fn pinned_target(
 ) -> Result<Option<usize>, ApiError> {
     let position = |backend: &str| route.targets.iter().position(|t| t.backend.id == backend);
     if let Some(previous) = parsed.previous_response_id.as_deref() {
-        if !crate::api::valid_id(previous) {
+        if !validate::valid_id(previous) {
             return Err(ApiError::invalid(
                 "Malformed previous_response_id.",
                 Some("previous_response_id"),
@@ -321,7 +322,8 @@ async fn pinned_target(
             Some(_) => state.records.get(previous).map(|r| r.owner.clone()),
             None => Some(
                 state
-                    .find_owner(previous, headers, false)
+                    .peers
+                    .owner(&state.records, table, previous, headers, false)
                     .await
                     .ok_or_else(not_found)?,
             ),
@@ -334,7 +336,7 @@ async fn pinned_target(
         }
         if let (None, Some(owner)) = (hop, owner) {
             if route.sticky.previous_response_id {
-                return Ok(position(&owner.backend));
+                return Ok(position(owner.backend.as_str()));
             }
         }
     }
@@ -380,7 +382,7 @@ fn count(state: &AppState, backend: &Backend, kind: &'static str) {
         .metrics
         .upstream_errors
         .get_or_create(&ErrorLabels {
-            backend: backend.id.clone(),
+            backend: backend.id.to_string(),
             kind,
         })
         .inc();
@@ -524,6 +526,7 @@ async fn respond(
     resp: reqwest::Response,
     exchange: Exchange,
     strip: Option<bool>,
+    max_bytes: u64,
 ) -> Result<Response<Body>, ApiError> {
     let mut headers = HeaderMap::with_capacity(4);
     for (name, value) in resp.headers() {
@@ -531,7 +534,7 @@ async fn respond(
             headers.append(name.clone(), value.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&exchange.backend.id) {
+    if let Ok(v) = HeaderValue::from_str(exchange.backend.id.as_str()) {
         headers.insert(HeaderName::from_static("x-infergate-backend"), v);
     }
     if let Ok(v) = HeaderValue::from_str(&exchange.request_id) {
@@ -539,7 +542,6 @@ async fn respond(
     }
     let status = resp.status();
     let timeouts = exchange.backend.timeouts;
-    let max_bytes = exchange.state.table.load().limits.max_response_bytes;
     let idle = Duration::from_millis(timeouts.idle_ms);
     let is_sse = resp
         .headers()

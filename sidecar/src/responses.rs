@@ -6,53 +6,63 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, Method, Response, StatusCode};
+use axum::http::{header, HeaderMap, Method, Response};
 use axum::response::IntoResponse;
 
-use crate::api::valid_id;
+use crate::auth::Caller;
 use crate::error::ApiError;
-use sha2::{Digest, Sha256};
-
-use crate::peers::{self, PeerHop};
+use crate::peers::{PeerHop, Reach, EMPTY_SHA256};
+use crate::validate::valid_id;
 use crate::AppState;
 
 pub async fn get_response(
     State(s): State<Arc<AppState>>,
+    caller: Caller,
     PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response<Body>, ApiError> {
-    by_id(s, Method::GET, id, "", headers, hop.is_some()).await
+    by_id(s, caller, Method::GET, "", id, headers, hop.is_some()).await
 }
 
 pub async fn delete_response(
     State(s): State<Arc<AppState>>,
+    caller: Caller,
     PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response<Body>, ApiError> {
-    by_id(s, Method::DELETE, id, "", headers, hop.is_some()).await
+    by_id(s, caller, Method::DELETE, "", id, headers, hop.is_some()).await
 }
 
 pub async fn cancel_response(
     State(s): State<Arc<AppState>>,
+    caller: Caller,
     PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response<Body>, ApiError> {
-    by_id(s, Method::POST, id, "/cancel", headers, hop.is_some()).await
+    by_id(
+        s,
+        caller,
+        Method::POST,
+        "/cancel",
+        id,
+        headers,
+        hop.is_some(),
+    )
+    .await
 }
 
 async fn by_id(
     s: Arc<AppState>,
+    Caller { key, table }: Caller,
     method: Method,
-    id: String,
     suffix: &str,
+    id: String,
     headers: HeaderMap,
     hop: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let table = s.table.load_full();
-    let key = crate::auth::authenticate(&table, &headers)?;
     // Look-ups count against the key's limits like any request (a hop was
     // counted by the sidecar the client reached).
     let _key_slot = match key.quota.as_ref().filter(|_| !hop) {
@@ -66,7 +76,8 @@ async fn by_id(
     }
     let not_found = || ApiError::NotFound(format!("No response with id `{id}`."));
     let owner = s
-        .find_owner(&id, &headers, hop)
+        .peers
+        .owner(&s.records, &table, &id, &headers, hop)
         .await
         .ok_or_else(not_found)?;
     if owner.key_id != key.id && !key.admin {
@@ -74,27 +85,21 @@ async fn by_id(
     }
     let backend = table.backends.get(&owner.backend).ok_or_else(not_found)?;
     let path = format!("/v1/responses/{id}{suffix}");
-    let via = if hop {
-        None
-    } else {
-        peers::remote(backend.sidecar.as_deref(), &s.own_urls())
-    };
-    if via.is_some() && !s.hops.enabled() {
-        return Err(not_found());
-    }
     let mut out = HeaderMap::new();
-    let url = match via {
-        Some(peer) => {
-            let empty: [u8; 32] = Sha256::digest(b"").into();
-            out = s.hops.headers(&headers, &method, &path, &empty, None);
+    let url = match s.peers.reach(backend, hop) {
+        Reach::Peer(peer) => {
+            out = s
+                .peers
+                .hop_headers(&headers, &method, &path, &EMPTY_SHA256, None);
             format!("{peer}{path}")
         }
-        None => {
+        Reach::Here => {
             if let Some(k) = &backend.api_key {
                 out.insert(header::AUTHORIZATION, k.clone());
             }
             format!("{}{path}", backend.url)
         }
+        Reach::Unreachable => return Err(not_found()),
     };
     let resp = backend
         .client()
@@ -140,38 +145,4 @@ async fn passthrough(resp: reqwest::Response, max_bytes: u64) -> Response<Body> 
         out.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     out
-}
-
-/// A signature this sidecar does not hold: from the sidecar it forwarded
-/// the request to, or else from whichever peer has it. Never on a hop, so
-/// a look-up visits each sidecar at most once.
-pub async fn from_peers(
-    s: &AppState,
-    via: Option<&str>,
-    path_and_query: &str,
-    headers: &HeaderMap,
-    hop: bool,
-) -> Option<Response<Body>> {
-    // Without the peer secret peers would take this for a client's request
-    // and ask on, back and forth.
-    if hop || !s.hops.enabled() {
-        return None;
-    }
-    let table = s.table.load_full();
-    let own = s.own_urls();
-    let ask: Vec<&str> = match via {
-        Some(v) => vec![v],
-        None => peers::peers(&table, &own),
-    };
-    let empty: [u8; 32] = Sha256::digest(b"").into();
-    let hdrs = s
-        .hops
-        .headers(headers, &Method::GET, path_and_query, &empty, None);
-    let (status, resp_headers, body) =
-        peers::ask(&s.peer_client, &ask, path_and_query, &hdrs).await?;
-    let mut out = (StatusCode::from_u16(status.as_u16()).ok()?, body).into_response();
-    if let Some(ct) = resp_headers.get(header::CONTENT_TYPE) {
-        out.headers_mut().insert(header::CONTENT_TYPE, ct.clone());
-    }
-    Some(out)
 }

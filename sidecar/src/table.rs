@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderValue;
 
 use crate::config::{
-    ConfigError, GatewayConfig, Limits, PrefixAffinity, Sticky, Strategy, Timeouts,
+    BackendId, ConfigError, GatewayConfig, KeyId, Limits, PrefixAffinity, Sticky, Strategy,
+    Timeouts,
 };
 use crate::quota::KeyQuota;
 
@@ -22,16 +23,16 @@ pub struct Table {
     pub version: String,
     keys: HashMap<[u8; 32], Arc<KeyEntry>>,
     models: HashMap<String, Arc<Route>>,
-    pub backends: HashMap<String, Arc<Backend>>,
+    pub backends: HashMap<BackendId, Arc<Backend>>,
     pub limits: Limits,
     /// Backends left out of routing, with why (e.g. an upstream key file
     /// that cannot be read): one bad backend must not block the whole config,
     /// or a leaked key could not be revoked while it lasts.
-    pub unavailable: Vec<(String, String)>,
+    pub unavailable: Vec<(BackendId, String)>,
 }
 
 pub struct KeyEntry {
-    pub id: String,
+    pub id: KeyId,
     pub hash: [u8; 32],
     pub admin: bool,
     all_models: bool,
@@ -43,7 +44,8 @@ pub struct KeyEntry {
 
 impl KeyEntry {
     pub fn may_use(&self, route: &Route) -> bool {
-        self.all_models || self.models.contains(&route.name)
+        (self.all_models || self.models.contains(&route.name))
+            && (route.keys.is_empty() || route.keys.contains(&self.id))
     }
 }
 
@@ -54,6 +56,8 @@ pub struct Route {
     pub prefix: PrefixAffinity,
     pub targets: Vec<RouteTarget>,
     pub total_weight: u64,
+    /// Only these keys may use the route, when not empty.
+    pub keys: HashSet<KeyId>,
     /// Round-robin cursor; relaxed ordering is enough, it only spreads load.
     pub cursor: AtomicUsize,
     /// Metric handles, bound on first use.
@@ -68,7 +72,7 @@ pub struct RouteTarget {
 }
 
 pub struct Backend {
-    pub id: String,
+    pub id: BackendId,
     /// Base URL without trailing slash.
     pub url: String,
     pub sidecar: Option<String>,
@@ -205,34 +209,44 @@ impl Table {
                     max_in_flight: b.max_in_flight,
                     timeouts,
                     api_key,
-                    id_hash: xxhash_rust::xxh3::xxh3_64(b.id.as_bytes()),
+                    id_hash: xxhash_rust::xxh3::xxh3_64(b.id.as_str().as_bytes()),
                     counters,
                     in_flight_gauge: std::sync::OnceLock::new(),
                     client,
                 }),
             );
         }
+        // Group members in config order (so every replica orders a route's
+        // targets alike); a backend not built is unavailable.
+        let mut groups: HashMap<&str, Vec<Arc<Backend>>> = HashMap::new();
+        for b in &config.backends {
+            if let (Some(g), Some(built)) = (b.group.as_deref(), backends.get(&b.id)) {
+                groups.entry(g).or_default().push(built.clone());
+            }
+        }
         let mut models = HashMap::new();
         for m in &config.models {
-            let targets: Vec<RouteTarget> = m
-                .targets
-                .iter()
-                // validate() checked every target names a backend: one not
-                // built is unavailable.
-                .filter_map(|t| {
-                    Some(RouteTarget {
-                        backend: backends.get(&t.backend)?.clone(),
-                        upstream_model: t.upstream_model.clone().unwrap_or_else(|| m.name.clone()),
-                        weight: t.weight,
-                    })
-                })
-                .collect();
+            let mut targets: Vec<RouteTarget> = Vec::new();
+            for t in &m.targets {
+                let upstream_model = t.upstream_model.as_ref().unwrap_or(&m.name);
+                let members = match (&t.backend, &t.group) {
+                    (Some(id), _) => backends.get(id).into_iter().cloned().collect(),
+                    (None, Some(g)) => groups.get(g.as_str()).cloned().unwrap_or_default(),
+                    (None, None) => Vec::new(),
+                };
+                targets.extend(members.into_iter().map(|backend| RouteTarget {
+                    backend,
+                    upstream_model: upstream_model.clone(),
+                    weight: t.weight,
+                }));
+            }
             let route = Arc::new(Route {
                 name: m.name.clone(),
                 strategy: m.strategy,
                 sticky: m.sticky.clone(),
                 prefix: m.prefix,
                 total_weight: targets.iter().map(|t| t.weight as u64).sum(),
+                keys: m.keys.iter().cloned().collect(),
                 targets,
                 cursor: AtomicUsize::new(0),
                 metrics: std::sync::OnceLock::new(),
@@ -326,6 +340,65 @@ fn read_api_key(path: &str) -> Result<HeaderValue, String> {
 mod tests {
     use super::*;
     use crate::config::hash_key;
+
+    #[test]
+    fn a_group_target_stands_for_every_backend_of_the_group_in_config_order() {
+        let config = GatewayConfig::from_yaml(
+            r#"
+backends:
+  - { id: p/1, url: "http://a", group: p }
+  - { id: other, url: "http://o" }
+  - { id: p/2, url: "http://b", group: p }
+models:
+  - { name: m, targets: [{ group: p, weight: 3, upstreamModel: up }, { backend: other }] }
+"#,
+        )
+        .unwrap();
+        let t = Table::build(config, None).unwrap();
+        let route = t.models.get("m").unwrap();
+        let got: Vec<(&str, u32, &str)> = route
+            .targets
+            .iter()
+            .map(|t| (t.backend.id.as_str(), t.weight, t.upstream_model.as_str()))
+            .collect();
+        assert_eq!(got, [("p/1", 3, "up"), ("p/2", 3, "up"), ("other", 1, "m")]);
+        assert_eq!(route.total_weight, 7);
+        let dangling = "backends: [{ id: a, url: \"http://a\" }]\nmodels: [{ name: m, targets: [{ group: none }] }]\n";
+        let err = GatewayConfig::from_yaml(dangling).unwrap_err();
+        assert!(
+            err.to_string().contains("group \"none\" has no backends"),
+            "{err}"
+        );
+        let both = "backends: [{ id: a, url: \"http://a\", group: g }]\nmodels: [{ name: m, targets: [{ group: g, backend: a }] }]\n";
+        assert!(GatewayConfig::from_yaml(both).is_err());
+    }
+
+    #[test]
+    fn a_route_that_names_its_keys_is_closed_to_every_other_key() {
+        let (a, b) = ("ig-route-keys-key-a-0000", "ig-route-keys-key-b-0000");
+        let config = GatewayConfig::from_yaml(&format!(
+            r#"
+keys:
+  - {{ id: a, sha256: "{}" }}
+  - {{ id: b, sha256: "{}" }}
+backends: [{{ id: x, url: "http://x" }}]
+models:
+  - {{ name: open, targets: [{{ backend: x }}] }}
+  - {{ name: closed, keys: [a], targets: [{{ backend: x }}] }}
+"#,
+            hash_key(a),
+            hash_key(b)
+        ))
+        .unwrap();
+        let t = Table::build(config, None).unwrap();
+        let key = |k: &str| {
+            let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(k.as_bytes()).into();
+            t.key(&hash).unwrap().clone()
+        };
+        let (open, closed) = (t.route("open").unwrap(), t.route("closed").unwrap());
+        assert!(key(a).may_use(open) && key(a).may_use(closed));
+        assert!(key(b).may_use(open) && !key(b).may_use(closed));
+    }
 
     #[test]
     fn an_unreadable_key_file_leaves_out_that_backend_only() {

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+use crate::config::{BackendId, KeyId};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -16,9 +18,9 @@ pub struct UsageRecord {
     pub ts_ms: u64,
     pub request_id: String,
     pub response_id: Option<String>,
-    pub key_id: String,
+    pub key_id: KeyId,
     pub model: String,
-    pub backend: String,
+    pub backend: BackendId,
     pub status: u16,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,

@@ -463,5 +463,15 @@ pub fn with_model(body: &Bytes, parsed: &Parsed, upstream_model: &str) -> Bytes 
 }
 
 pub mod form;
+/// Response ids are opaque tokens; anything else (slashes, dots-dots,
+/// control bytes) is refused before it is used as a key anywhere.
+pub fn valid_id(id: &str) -> bool {
+    (1..=256).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && !id.contains("..")
+}
+
 #[cfg(test)]
 mod tests;

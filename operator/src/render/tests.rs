@@ -58,8 +58,7 @@ fn inputs() -> Inputs {
 
 #[test]
 fn renders_a_valid_config_with_one_backend_per_ready_pod() {
-    let r = render(&inputs());
-    r.config.validate().unwrap();
+    let r = render(&inputs()).unwrap();
     let ids: Vec<&str> = r.config.backends.iter().map(|b| b.id.as_str()).collect();
     assert_eq!(ids, ["ai/ext", "ai/pods/10.0.0.1", "ai/pods/10.0.0.2"]);
     let pod = &r.config.backends[1];
@@ -70,21 +69,31 @@ fn renders_a_valid_config_with_one_backend_per_ready_pod() {
         Some("/var/run/infergate/upstream/up/token")
     );
     assert_eq!(r.config.backends[0].url, "https://api.example.com");
-    assert_eq!(r.config.models[0].targets.len(), 2);
+    // The two pods are one group target: the route does not list them.
+    assert_eq!(r.config.models[0].targets.len(), 1);
+    assert_eq!(
+        r.config.models[0].targets[0].group.as_deref(),
+        Some("ai/pods")
+    );
+    assert!(r.config.backends[1..]
+        .iter()
+        .all(|b| b.group.as_deref() == Some("ai/pods")));
     assert_eq!(r.providers[&key("ai", "pods")].ready_backends, 2);
     assert_eq!(r.routes[&key("ai", "llama")].resolved_backends, 2);
 }
 
 #[test]
 fn keys_are_hashed_never_copied() {
-    let r = render(&inputs());
+    let r = render(&inputs()).unwrap();
     let json = serde_json::to_string(&r.config).unwrap();
     assert!(!json.contains("ig-team-a-key-000000000"));
     assert_eq!(
         r.config.keys[0].sha256,
         infergate_config::hash_key("ig-team-a-key-000000000")
     );
-    assert_eq!(r.config.keys[0].models, ["llama"]);
+    // Every route open to all keys; a key is one line whatever the routes.
+    assert_eq!(r.config.keys[0].models, ["*"]);
+    assert!(r.config.models.iter().all(|m| m.keys.is_empty()));
 }
 
 #[test]
@@ -92,15 +101,14 @@ fn one_key_under_two_ids_is_kept_once() {
     let mut i = inputs();
     i.keys
         .insert("team-b".into(), "ig-team-a-key-000000000".into());
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     let ids: Vec<&str> = r.config.keys.iter().map(|k| k.id.as_str()).collect();
     assert_eq!(ids, ["team-a"]);
 }
 
 #[test]
 fn deterministic_whatever_the_input_order_and_version_is_the_hash() {
-    let a = render(&inputs());
+    let a = render(&inputs()).unwrap();
     let mut reversed = Inputs::default();
     let i = inputs();
     for (k, v) in i.providers.iter().rev() {
@@ -109,7 +117,7 @@ fn deterministic_whatever_the_input_order_and_version_is_the_hash() {
     reversed.routes = i.routes.clone();
     reversed.keys = i.keys.clone();
     reversed.endpoints = i.endpoints.clone();
-    let b = render(&reversed);
+    let b = render(&reversed).unwrap();
     assert_eq!(
         serde_json::to_string(&a.config).unwrap(),
         serde_json::to_string(&b.config).unwrap()
@@ -125,22 +133,26 @@ fn a_route_to_a_missing_provider_says_which_and_is_left_out() {
     let mut partial = route("partial", &["ext", "gone"]);
     partial.api_keys = vec!["someone-else".into()];
     i.routes.insert(key("ai", "partial"), partial);
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     assert_eq!(r.routes[&key("ai", "broken")].missing, ["nope"]);
     assert!(r.config.models.iter().all(|m| m.name != "other"));
     assert_eq!(r.routes[&key("ai", "partial")].missing, ["gone"]);
     assert_eq!(r.routes[&key("ai", "partial")].resolved_backends, 1);
-    // team-a is not among the partial route's keys.
-    assert_eq!(r.config.keys[0].models, ["llama"]);
+    // The partial route names its keys; team-a is not among them.
+    let partial = r
+        .config
+        .models
+        .iter()
+        .find(|m| m.name == "partial")
+        .unwrap();
+    assert_eq!(partial.keys, ["someone-else"]);
 }
 
 #[test]
 fn name_clashes_reject_the_later_route() {
     let mut i = inputs();
     i.routes.insert(key("ai", "zz-dup"), route("l", &["ext"]));
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     assert!(r.routes[&key("ai", "zz-dup")].rejected.is_some());
     assert_eq!(r.config.models.len(), 1);
 }
@@ -155,7 +167,7 @@ fn services_render_to_cluster_dns_and_deleted_objects_disappear() {
         port: 8000,
     });
     i.providers.insert(key("ai", "svc"), svc);
-    let r = render(&i);
+    let r = render(&i).unwrap();
     assert!(r
         .config
         .backends
@@ -163,13 +175,13 @@ fn services_render_to_cluster_dns_and_deleted_objects_disappear() {
         .any(|b| b.url == "http://vllm-svc.ai.svc:8000"));
     i.routes.clear();
     i.providers.remove(&key("ai", "pods"));
-    let r = render(&i);
+    let r = render(&i).unwrap();
     assert!(r.config.models.is_empty());
     assert!(r
         .config
         .backends
         .iter()
-        .all(|b| !b.id.starts_with("ai/pods")));
+        .all(|b| !b.id.as_str().starts_with("ai/pods")));
 }
 
 #[test]
@@ -182,8 +194,7 @@ fn a_provider_that_lists_its_models_is_used_only_for_those() {
     // Asks `ext` for a model it does not list, and `pods` (no list) for it.
     i.routes
         .insert(key("ai", "mixed"), route("claude", &["ext", "pods"]));
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     assert!(r.routes[&key("ai", "gpt")].unserved.is_empty());
     assert_eq!(r.routes[&key("ai", "gpt")].resolved_backends, 1);
     let mixed = &r.routes[&key("ai", "mixed")];
@@ -197,9 +208,10 @@ fn a_provider_that_lists_its_models_is_used_only_for_those() {
         .unwrap()
         .targets
         .iter()
-        .map(|t| t.backend.as_str())
+        .map(|t| t.group.as_deref().unwrap())
         .collect();
-    assert_eq!(targets, ["ai/pods/10.0.0.1", "ai/pods/10.0.0.2"]);
+    // One group target stands for the provider's two pods.
+    assert_eq!(targets, ["ai/pods"]);
 }
 
 #[test]
@@ -214,8 +226,7 @@ fn key_limits_are_rendered_as_each_sidecars_share() {
         },
     );
     i.sidecars = 2;
-    let r = render(&i);
-    r.config.validate().unwrap();
+    let r = render(&i).unwrap();
     assert_eq!(
         r.config.keys[0].limits,
         Some(KeyLimits {
@@ -226,7 +237,7 @@ fn key_limits_are_rendered_as_each_sidecars_share() {
     );
     i.sidecars = 0;
     assert_eq!(
-        render(&i).config.keys[0]
+        render(&i).unwrap().config.keys[0]
             .limits
             .unwrap()
             .requests_per_minute,
@@ -244,7 +255,7 @@ fn prefix_affinity_renders_with_its_tuning_over_the_defaults() {
         load_factor: Some(1.5),
     });
     i.routes.insert(key("ai", "m"), r);
-    let r = render(&i);
+    let r = render(&i).unwrap();
     r.config.validate().unwrap();
     let m = r.config.models.iter().find(|m| m.name == "m").unwrap();
     assert_eq!(m.strategy, config::Strategy::PrefixAffinity);

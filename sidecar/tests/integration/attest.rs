@@ -1,9 +1,7 @@
 //! Attestation rules over real sockets: who may read a signature, what an
 //! unsigned answer says, and the report's TEE section.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use infergate_sidecar::{Options, TeeSource};
 use serde_json::Value;
 

@@ -1,9 +1,7 @@
 //! Known traffic in, exact numbers out: `/metrics` and the usage records
 //! must match what was sent and what the simulator reported.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use infergate_sidecar::usage::Sink;
 use infergate_sidecar::Options;
 use serde_json::{json, Value};

@@ -1,13 +1,11 @@
 //! The real `infergate-sidecar` binary as a process: nothing secret in its
 //! logs even at trace level, and a SIGTERM that drops no stream in flight.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use infergate_sidecar::config::hash_key;
 
@@ -69,6 +67,9 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn trace_logs_hold_no_key_prompt_or_completion() {
+    if !crate::slow_tier("trace_logs_hold_no_key_prompt_or_completion") {
+        return;
+    }
     let sim = simulator("s0", 6, 0).await;
     let dir = tempdir("privacy");
     let mut sc = start(&yaml(&sim.url), &dir, "trace");
@@ -133,6 +134,9 @@ async fn trace_logs_hold_no_key_prompt_or_completion() {
 /// serves the config once the file appears.
 #[tokio::test]
 async fn starts_without_its_config_file_and_serves_it_once_written() {
+    if !crate::slow_tier("starts_without_its_config_file_and_serves_it_once_written") {
+        return;
+    }
     let sim = simulator("s0", 3, 0).await;
     let dir = tempdir("absent-config");
     let _ = std::fs::remove_file(dir.join("config.yaml"));
@@ -175,6 +179,9 @@ async fn starts_without_its_config_file_and_serves_it_once_written() {
 
 #[tokio::test]
 async fn sigterm_finishes_streams_in_flight_and_refuses_new_ones() {
+    if !crate::slow_tier("sigterm_finishes_streams_in_flight_and_refuses_new_ones") {
+        return;
+    }
     let sim = simulator("s0", 40, 25).await;
     let dir = tempdir("shutdown");
     let mut sc = start(&yaml(&sim.url), &dir, "info");

@@ -2,11 +2,9 @@
 //! Retry-After), per-backend capacity (a short bounded queue, then 503),
 //! and slow or oversized clients (408, 431, closed connections).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use infergate_sidecar::config::KeyLimits;
 use serde_json::Value;

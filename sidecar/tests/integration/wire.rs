@@ -4,14 +4,12 @@
 //! bytes after `[DONE]`, deadlines that never run a generation twice, and
 //! malformed headers.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Bytes;
 use axum::Router;
-use common::*;
 use infergate_sidecar::config::KeyLimits;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};

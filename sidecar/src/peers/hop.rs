@@ -1,10 +1,6 @@
-//! Other sidecars of the same deployment: who owns a response id, and asking
-//! them when this sidecar does not know.
-//!
-//! Every sidecar has the same table; a backend whose `sidecar` URL is not
-//! this sidecar's own is reached through that sidecar (one hop, marked by
-//! `x-infergate-hop`, never forwarded again), so the bytes are hashed and
-//! signed next to the model that produced them.
+//! The hop between two sidecars: a request one sidecar forwards to another
+//! carries a signed marker, checked from the headers alone before the body
+//! is read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +8,11 @@ use std::time::Duration;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method};
-use futures_util::future::select_ok;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use super::EMPTY_SHA256;
 use crate::error::ApiError;
-use crate::table::Table;
 use crate::usage::now_unix_ms;
 use crate::AppState;
 
@@ -214,142 +209,13 @@ impl FromRequestParts<Arc<AppState>> for PeerHop {
             .uri
             .path_and_query()
             .map_or(parts.uri.path(), |p| p.as_str());
-        let empty: [u8; 32] = Sha256::digest(b"").into();
-        match state.hops.verify(&parts.headers, &parts.method, path)? {
-            Some(hop) if hop.body_sha256 != empty => Err(ApiError::ForgedHop),
+        match state
+            .peers
+            .hops()
+            .verify(&parts.headers, &parts.method, path)?
+        {
+            Some(hop) if hop.body_sha256 != EMPTY_SHA256 => Err(ApiError::ForgedHop),
             hop => Ok(PeerHop(hop)),
         }
-    }
-}
-
-/// Who produced a response: a backend, and the sidecar next to it when that
-/// is another one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    pub backend: String,
-    pub via: Option<String>,
-    /// The key that made the request: only it (or an admin) may follow up.
-    pub key_id: String,
-}
-
-pub struct Owners {
-    cache: moka::sync::Cache<String, Owner>,
-}
-
-impl Owners {
-    pub fn new(capacity: u64, ttl: Duration) -> Self {
-        Owners {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl)
-                .build(),
-        }
-    }
-
-    /// The first owner learnt for an id stays (see `Records::insert`).
-    pub fn remember(&self, id: String, owner: Owner) {
-        self.cache.entry(id).or_insert(owner);
-    }
-
-    pub fn get(&self, id: &str) -> Option<Owner> {
-        self.cache.get(id)
-    }
-}
-
-/// The sidecar URL to forward to for `backend_sidecar`, or None if it is
-/// this sidecar (any of the URLs it answers on: see [`own_urls`]).
-pub fn remote<'a>(backend_sidecar: Option<&'a str>, own: &[String]) -> Option<&'a str> {
-    backend_sidecar.filter(|s| !own.iter().any(|o| o == s))
-}
-
-/// Every other sidecar named in the table.
-pub fn peers<'a>(table: &'a Table, own: &[String]) -> Vec<&'a str> {
-    let mut out: Vec<&str> = table
-        .backends
-        .values()
-        .filter_map(|b| remote(b.sidecar.as_deref(), own))
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
-/// The URLs a config may use to name this sidecar's public listener: its
-/// address, and the loopback names when it listens on loopback or on every
-/// address. (Its pod IP is `--self-url`.) A backend behind one of these is
-/// served here, never forwarded to this very sidecar.
-pub fn own_urls(addr: std::net::SocketAddr) -> Vec<String> {
-    let port = addr.port();
-    let ip = addr.ip();
-    let mut out = vec![match ip {
-        std::net::IpAddr::V6(v6) => format!("http://[{v6}]:{port}"),
-        v4 => format!("http://{v4}:{port}"),
-    }];
-    if ip.is_unspecified() || ip.is_loopback() {
-        for host in ["127.0.0.1", "localhost", "[::1]"] {
-            out.push(format!("http://{host}:{port}"));
-        }
-    }
-    out.dedup();
-    out
-}
-
-/// Ask every peer `GET {peer}{path}` at once; the first 200 wins.
-pub async fn ask(
-    client: &reqwest::Client,
-    peers: &[&str],
-    path: &str,
-    headers: &HeaderMap,
-) -> Option<(reqwest::StatusCode, HeaderMap, bytes::Bytes)> {
-    if peers.is_empty() {
-        return None;
-    }
-    let asks = peers.iter().map(|p| {
-        let req = client
-            .get(format!("{p}{path}"))
-            .headers(headers.clone())
-            .timeout(Duration::from_secs(5))
-            .send();
-        Box::pin(async move {
-            let resp = req.await.map_err(|_| ())?;
-            if resp.status() != reqwest::StatusCode::OK {
-                return Err(());
-            }
-            let status = resp.status();
-            let headers = resp.headers().clone();
-            let body = resp.bytes().await.map_err(|_| ())?;
-            Ok((status, headers, body))
-        })
-    });
-    select_ok(asks).await.ok().map(|(found, _)| found)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_backend_is_remote_only_when_its_sidecar_is_another() {
-        let me = vec!["http://me".to_owned()];
-        assert_eq!(remote(None, &me), None);
-        assert_eq!(remote(Some("http://me"), &me), None);
-        assert_eq!(remote(Some("http://you"), &me), Some("http://you"));
-        assert_eq!(remote(Some("http://you"), &[]), Some("http://you"));
-    }
-
-    #[test]
-    fn a_sidecar_knows_the_urls_of_its_own_listener() {
-        let all = own_urls("0.0.0.0:8080".parse().unwrap());
-        for u in [
-            "http://127.0.0.1:8080",
-            "http://localhost:8080",
-            "http://[::1]:8080",
-        ] {
-            assert!(all.contains(&u.to_owned()), "{u}");
-        }
-        let one = own_urls("10.1.2.3:8080".parse().unwrap());
-        assert_eq!(one, vec!["http://10.1.2.3:8080".to_owned()]);
-        assert!(!own_urls("127.0.0.1:8081".parse().unwrap())
-            .contains(&"http://127.0.0.1:8080".to_owned()));
     }
 }

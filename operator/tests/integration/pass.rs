@@ -9,6 +9,8 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::fixtures::{self, stored};
+use crate::testbed::{running_version, scratch_dir, spawn_sidecar, Sidecar, TOKEN};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use infergate_crds::{InferenceProvider, ModelRoute};
@@ -26,9 +28,6 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::Client;
 use serde_json::{json, Value};
-use testbed::{running_version, scratch_dir, spawn_sidecar, Sidecar, TOKEN};
-
-mod testbed;
 
 /// Every request the operator made: (method, path?query, body).
 type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
@@ -81,15 +80,15 @@ where
 }
 
 fn provider() -> Value {
-    json!({"apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
-        "metadata": {"name": "p", "namespace": "ai", "generation": 1, "resourceVersion": "1", "uid": "u-p"},
-        "spec": {"url": "http://127.0.0.1:1"}})
+    stored(
+        fixtures::provider("p", json!({"url": "http://127.0.0.1:1"})),
+        "ai",
+    )
 }
 
 fn route(name: &str, provider: &str, status: Option<&Value>) -> Value {
-    let mut r = json!({"apiVersion": "infergate.dev/v1alpha1", "kind": "ModelRoute",
-        "metadata": {"name": name, "namespace": "ai", "generation": 1, "resourceVersion": "1", "uid": format!("u-{name}")},
-        "spec": {"model": format!("{name}-model"), "backends": [{"provider": provider}]}});
+    let spec = json!({"model": format!("{name}-model"), "backends": [{"provider": provider}]});
+    let mut r = stored(fixtures::route(name, spec), "ai");
     if let Some(s) = status {
         r["status"] = s.clone();
         r["metadata"]["resourceVersion"] = json!("2");

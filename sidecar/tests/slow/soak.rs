@@ -3,13 +3,11 @@
 //! causes may be a 5xx, every completed stream must be whole, counters must
 //! drain, and memory must stay flat.
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 
 fn rss_kib() -> u64 {
@@ -60,6 +58,9 @@ async fn run(gw: &Gateway, n: u64, seed: u64, stats: &Arc<[AtomicU64; 4]>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_mixed_requests_with_disconnects_and_swaps() {
+    if !crate::slow_tier("thousands_of_mixed_requests_with_disconnects_and_swaps") {
+        return;
+    }
     let (a, b) = (simulator("a", 20, 0).await, simulator("b", 20, 0).await);
     let configs = [config(&[&a.url], "", ""), config(&[&a.url, &b.url], "", "")];
     // A small record cache, full after the warm-up, so growth means a leak.

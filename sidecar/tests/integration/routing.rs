@@ -2,11 +2,7 @@
 //! same conversation lands on the same pod from either sidecar, and load is
 //! shared between sidecars over the hop-authenticated load endpoint.
 
-mod common;
-
-use std::time::Duration;
-
-use common::*;
+use crate::common::*;
 use infergate_sidecar::config::{hash_key, GatewayConfig};
 use infergate_sidecar::load_peer::{self, PATH};
 use infergate_sidecar::table::now_ms;
@@ -148,13 +144,7 @@ async fn load_is_shared_between_peers_and_hidden_from_clients() {
         .await
         .unwrap();
     assert_eq!(held.status(), 200);
-    for _ in 0..500 {
-        if gws[1].in_flight("b1") == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(gws[1].in_flight("b1"), 1);
+    wait_for(|| gws[1].in_flight("b1") == 1).await;
     // Sidecar 1 reads its pod; sidecar 0 asks sidecar 1.
     load_peer::poll_once(&gws[1].state).await;
     load_peer::poll_once(&gws[0].state).await;

@@ -1,12 +1,10 @@
 //! The gateway over real sockets, in front of real simulator processes'
 //! code (in-process servers on 127.0.0.1:0).
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -407,16 +405,6 @@ async fn config_swaps_under_load_fail_no_request() {
         .await;
     swapper.await.unwrap();
     gw.settle().await;
-}
-
-async fn wait_for(cond: impl Fn() -> bool) {
-    for _ in 0..300 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached in time");
 }
 
 /// Guards against the 40 ms Nagle/delayed-ACK stall: sockets on both sides

@@ -2,14 +2,12 @@
 //! file is a bad edit, removing every key or route needs `allowEmpty: true`,
 //! and every reload logs what changed by id, never key material.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use infergate_sidecar::config::hash_key;
 
 const SECRET_KEY: &str = "ig-reload-secret-key-7c1e";
@@ -120,6 +118,9 @@ fn no_ansi(log: &str) {
 
 #[tokio::test]
 async fn empty_or_comment_only_file_is_refused_and_the_old_config_kept() {
+    if !crate::slow_tier("empty_or_comment_only_file_is_refused_and_the_old_config_kept") {
+        return;
+    }
     let sim = simulator("s0", 3, 0).await;
     let sc = Sidecar::start("reload-empty", &yaml(&sim.url, ""));
     assert_eq!(sc.chat_status().await, 200);
@@ -137,6 +138,9 @@ async fn empty_or_comment_only_file_is_refused_and_the_old_config_kept() {
 
 #[tokio::test]
 async fn removing_every_key_or_route_needs_allow_empty() {
+    if !crate::slow_tier("removing_every_key_or_route_needs_allow_empty") {
+        return;
+    }
     let sim = simulator("s0", 3, 0).await;
     let full = yaml(&sim.url, "");
     let sc = Sidecar::start("reload-remove-all", &full);
@@ -178,6 +182,9 @@ async fn removing_every_key_or_route_needs_allow_empty() {
 
 #[tokio::test]
 async fn each_reload_logs_what_changed_by_id() {
+    if !crate::slow_tier("each_reload_logs_what_changed_by_id") {
+        return;
+    }
     let sim = simulator("s0", 3, 0).await;
     let sc = Sidecar::start("reload-diff", &yaml(&sim.url, ""));
     let more = "  - { name: m2, aliases: [two], targets: [{ backend: b0 }] }\n";

@@ -1,13 +1,11 @@
 //! The `async-openai` crate, a client no one here wrote, against the gateway.
 
-mod common;
-
+use crate::common::*;
 use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequestArgs,
 };
 use async_openai::Client;
-use common::*;
 use futures_util::StreamExt;
 
 fn client(gw: &Gateway, key: &str) -> Client<OpenAIConfig> {

@@ -2,17 +2,16 @@
 //! standby takes over when the leader is killed, and at once when the
 //! leader stops gracefully (it releases the Lease).
 
-mod testbed;
-
 use std::time::Duration;
 
+use crate::fixtures::*;
+use crate::testbed::objects::*;
+use crate::testbed::*;
 use infergate_crds::{InferenceProvider, ModelRoute};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
-use testbed::objects::*;
-use testbed::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_standby_takes_over_when_the_leader_dies() {
@@ -32,21 +31,13 @@ async fn the_standby_takes_over_when_the_leader_dies() {
     create::<InferenceProvider>(
         &client,
         &ns,
-        json!({
-            "apiVersion": "infergate.dev/v1alpha1", "kind": "InferenceProvider",
-            "metadata": {"name": "p"},
-            "spec": {"url": "http://127.0.0.2:8000"},
-        }),
+        provider("p", json!({"url": "http://127.0.0.2:8000"})),
     )
     .await;
     create::<ModelRoute>(
         &client,
         &ns,
-        json!({
-            "apiVersion": "infergate.dev/v1alpha1", "kind": "ModelRoute",
-            "metadata": {"name": "m"},
-            "spec": {"model": "m1", "backends": [{"provider": "p"}]},
-        }),
+        route("m", json!({"model": "m1", "backends": [{"provider": "p"}]})),
     )
     .await;
     sidecars_run(

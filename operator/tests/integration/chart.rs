@@ -6,8 +6,6 @@
 //! after `scripts/k8s-testbed install`); without it the test says it was
 //! skipped.
 
-mod testbed;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,9 +61,16 @@ const OWN_NAMESPACE: &[(&str, &str, &str, Option<&str>)] = &[
     ),
 ];
 
+/// helm, or a loud SKIPPED; a failure where the run demands the
+/// Kubernetes tests (`INFERGATE_KUBE_TESTS=1`, as in `scripts/test`).
 fn helm() -> Option<PathBuf> {
     match std::env::var_os("INFERGATE_HELM") {
         Some(path) => Some(path.into()),
+        None if std::env::var_os("INFERGATE_KUBE_TESTS").is_some_and(|v| v == "1") => {
+            panic!(
+                "INFERGATE_KUBE_TESTS=1 but INFERGATE_HELM is not set: the chart tests cannot run"
+            )
+        }
         None => {
             let _ = writeln!(
                 std::io::stderr(),
@@ -338,7 +343,11 @@ fn default_install_is_valid_least_privilege_and_locked_down() {
     assert_locked_down(&spec, c);
     let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert!(env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"));
-    assert_flags_exist(&testbed::operator_bin(), c.args.as_deref().unwrap(), &[]);
+    assert_flags_exist(
+        &crate::testbed::operator_bin(),
+        c.args.as_deref().unwrap(),
+        &[],
+    );
     let token_secret = spec.volumes.as_ref().unwrap()[0]
         .secret
         .as_ref()
@@ -379,7 +388,7 @@ fn example_workload_keeps_the_admin_port_private() {
     let model = container(&spec, "vllm").security_context.clone().unwrap();
     assert_eq!(model.allow_privilege_escalation, Some(false));
     let args = sidecar.args.clone().unwrap();
-    assert_flags_exist(&testbed::sidecar_bin(), &args, &[]);
+    assert_flags_exist(&crate::testbed::sidecar_bin(), &args, &[]);
     assert!(args.contains(&"--admin-listen=0.0.0.0:9090".to_owned()));
     // Probes on the admin port.
     for probe in [&sidecar.readiness_probe, &sidecar.liveness_probe] {

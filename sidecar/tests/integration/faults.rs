@@ -1,11 +1,9 @@
 //! Fault injection with the simulator's fault modes: what each client sees,
 //! what is counted, and that every in-flight counter returns to zero.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 

@@ -2,10 +2,8 @@
 //! continuing another key's conversation, and a client sending the headers
 //! sidecars use between themselves (forged, replayed, with a wrong secret).
 
-mod common;
-
+use crate::common::*;
 use axum::http::{HeaderMap, HeaderValue, Method};
-use common::*;
 use infergate_sidecar::config::{hash_key, GatewayConfig};
 use infergate_sidecar::peers::{HopAuth, HOP, PIN};
 use infergate_sidecar::{admin_app, app, AppState, Options};
