@@ -6,7 +6,10 @@
 //! short period (requests running + waiting, KV-cache usage, prefix-cache
 //! queries and hits; see [`parse_vllm`]) and serves what it knows about its
 //! own pods to peers on `GET /v1/internal/load` (hop-authenticated, see
-//! `load_peer`), read every `PEER_PERIOD_MS`. A sample is used as `queue + what this sidecar sent since`
+//! `load_peer`), read every `PEER_PERIOD_MS`; a peer that serves a hop also
+//! puts its pod's load on the answer's headers, so the busiest pairs of
+//! sidecars see each other's numbers with every answer. A sample is used as
+//! `queue + what this sidecar sent (less what it finished) since`
 //! and fades linearly to this sidecar's own view between `FRESH_MS` and
 //! `STALE_MS` of age, so a silent peer cannot pin an old number. A pod whose
 //! metrics were there and vanished counts as over every bound: it is chosen
@@ -106,11 +109,12 @@ impl Signal {
 }
 
 /// `queue` (sampled `age_ms` ago, when this sidecar had `local_at` in
-/// flight) plus what this sidecar sent since, never below its own count,
-/// faded to the own count as the sample ages.
+/// flight) moved by what this sidecar sent or finished since (its requests
+/// were part of the queue), never below its own count, faded to the own
+/// count as the sample ages.
 pub fn estimate(local: u32, queue: u32, local_at: u32, age_ms: u64) -> f64 {
     let local_f = local as f64;
-    let fleet = (queue as f64 + local.saturating_sub(local_at) as f64).max(local_f);
+    let fleet = (queue as f64 + local_f - local_at as f64).max(local_f);
     let weight = if age_ms <= FRESH_MS {
         1.0
     } else if age_ms >= STALE_MS {
@@ -246,6 +250,8 @@ vllm:generation_tokens_total{engine="0",model_name="x"} 9.0
         assert_eq!(estimate(3, 6, 1, 0), 8.0);
         // Never below the own count.
         assert_eq!(estimate(5, 0, 5, 0), 5.0);
+        // Two of its own finished since: the pod has two fewer.
+        assert_eq!(estimate(0, 6, 2, 0), 4.0);
     }
 
     #[test]

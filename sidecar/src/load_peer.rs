@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, Method};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,11 @@ use crate::table::{now_ms, Backend, Table};
 use crate::AppState;
 
 pub const PATH: &str = "/v1/internal/load";
+
+/// On the answer to a hop: the serving sidecar's load for the pod (requests
+/// in flight, this one included). Never reaches a client: answers pass only
+/// allow-listed headers.
+pub const LOAD_HEADER: HeaderName = HeaderName::from_static("x-infergate-load");
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -71,6 +76,48 @@ pub async fn serve(
         })
         .collect();
     Ok(Json(Report { backends }))
+}
+
+/// Piggy-backs load on hop answers, at response-header time: a sidecar
+/// serving a hop (`served_for_peer`) adds its load for `backend` to `out`;
+/// one that forwarded to a peer (`via_peer`) takes it from `upstream`.
+pub fn on_answer(
+    backend: &Backend,
+    served_for_peer: bool,
+    via_peer: bool,
+    upstream: &HeaderMap,
+    out: &mut HeaderMap,
+) {
+    let now = now_ms();
+    if served_for_peer {
+        let load = backend
+            .load(now)
+            .map_or(-1, |l| l.round().clamp(0.0, u32::MAX as f64) as i64);
+        if let Ok(v) = HeaderValue::from_str(&load.to_string()) {
+            out.insert(LOAD_HEADER, v);
+        }
+    } else if via_peer {
+        let value = upstream
+            .get(LOAD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok());
+        match value {
+            Some(-1) => backend.counters.signal.lost(),
+            Some(n) if n >= 0 => backend.counters.signal.record(
+                Sample {
+                    queue: n.min(u32::MAX as i64) as u32,
+                    kv_permille: backend
+                        .counters
+                        .signal
+                        .sample()
+                        .map_or(0, |(s, _, _)| s.kv_permille),
+                },
+                backend.in_flight(),
+                now,
+            ),
+            _ => {}
+        }
+    }
 }
 
 /// Polls until the process ends; started by `serve::run`.

@@ -537,6 +537,15 @@ async fn respond(
     if let Ok(v) = HeaderValue::from_str(exchange.backend.id.as_str()) {
         headers.insert(HeaderName::from_static("x-infergate-backend"), v);
     }
+    // `charge` is false exactly on a hop served here for a peer.
+    let (for_peer, via_peer) = (!exchange.charge, exchange.via.is_some());
+    crate::load_peer::on_answer(
+        &exchange.backend,
+        for_peer,
+        via_peer,
+        resp.headers(),
+        &mut headers,
+    );
     if let Ok(v) = HeaderValue::from_str(&exchange.request_id) {
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }

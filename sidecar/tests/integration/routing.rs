@@ -160,6 +160,44 @@ async fn load_is_shared_between_peers_and_hidden_from_clients() {
     drop(held);
 }
 
+#[tokio::test]
+async fn a_hop_answer_carries_the_pods_load_back_but_not_to_the_client() {
+    let (gws, _sims) = fleet(2).await;
+    // One stream held on pod 1 through its own sidecar.
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let held = client()
+        .post(format!("{}/v1/chat/completions", gws[1].url))
+        .bearer_auth(KEY)
+        .header("x-sim-fault", "stall-after:1")
+        .header("x-session-id", session_for(&gws[1], "b1"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    wait_for(|| gws[1].in_flight("b1") == 1).await;
+    // Another request enters sidecar 0 and is forwarded to pod 1.
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gws[0].url))
+        .bearer_auth(KEY)
+        .header("x-session-id", session_for(&gws[0], "b1"))
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "yo"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-infergate-backend"], "b1");
+    assert!(resp.headers().get("x-infergate-load").is_none());
+    resp.bytes().await.unwrap();
+    gws[0].settle().await;
+    // No polling happened: sidecar 0 learnt pod 1's load (2 when it
+    // answered, less its own one since finished) from the answer.
+    let table = gws[0].state.table.load();
+    assert_eq!(table.backends["b1"].load(now_ms()), Some(1.0));
+    drop(held);
+}
+
 /// A session id that rendezvous sends to `backend` on this route.
 fn session_for(gw: &Gateway, backend: &str) -> String {
     let table = gw.state.table.load();
