@@ -33,7 +33,7 @@ impl<T, Id> Default for Changes<T, Id> {
 }
 
 impl<T, Id> Changes<T, Id> {
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.remove.is_empty() && self.upsert.is_empty()
     }
 }

@@ -182,11 +182,24 @@ pub async fn push_one(
     let base = sidecar.admin_url.trim_end_matches('/');
     let url = format!("{base}/admin/v1/config");
     let mut last = Pushed::Failed("not tried".into());
+    let json = |req: reqwest::RequestBuilder, body: &Bytes| {
+        req.bearer_auth(token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+    };
+    // A sidecar on the previous version (the usual case) takes the delta in
+    // one request; any other version answers 409 and gets the whole config.
+    if let Some((_, delta)) = &payload.delta {
+        match send(json(client.patch(&url), delta)).await {
+            Answer::Taken(u) => return Pushed::Patched(u),
+            Answer::Refused(why) => return Pushed::Failed(why),
+            Answer::Conflict | Answer::Retry(_) => {}
+        }
+    }
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
-        let mut running = None;
         if let Ok(resp) = client
             .get(format!("{url}/version"))
             .bearer_auth(token)
@@ -198,26 +211,6 @@ pub async fn push_one(
                 if let Ok(v) = resp.json::<Versioned>().await {
                     if v.version.as_deref() == Some(payload.version.as_str()) {
                         return Pushed::Current(unavailable);
-                    }
-                    running = v.version;
-                }
-            }
-        }
-        let json = |req: reqwest::RequestBuilder, body: &Bytes| {
-            req.bearer_auth(token)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone())
-        };
-        if let Some((from, delta)) = &payload.delta {
-            if running.as_deref() == Some(from.as_str()) {
-                match send(json(client.patch(&url), delta)).await {
-                    Answer::Taken(u) => return Pushed::Patched(u),
-                    Answer::Refused(why) => return Pushed::Failed(why),
-                    // It moved on meanwhile: the whole config below.
-                    Answer::Conflict => {}
-                    Answer::Retry(why) => {
-                        last = Pushed::Failed(why);
-                        continue;
                     }
                 }
             }

@@ -73,8 +73,9 @@ async fn get_version(
         .into_response())
 }
 
-/// A `ConfigDelta` against the version running here; 409 for any other
-/// version (the operator then sends the whole config).
+/// A `ConfigDelta` against the version running here (nothing to do when it
+/// already runs the delta's target); 409 for any other version (the
+/// operator then sends the whole config).
 async fn patch_config(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -83,9 +84,12 @@ async fn patch_config(
     check_token(&s, &headers)?;
     let delta: ConfigDelta = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("config delta rejected: {e}"), None))?;
-    let version = s.swap_with(|current, version| {
-        if version != delta.from {
-            return Err(ApiError::VersionConflict(version.to_owned()));
+    if s.current_version() == delta.to {
+        return applied(&s, delta.to);
+    }
+    let version = s.swap_with(|current| {
+        if current.version != delta.from {
+            return Err(ApiError::VersionConflict(current.version.clone()));
         }
         current
             .apply(&delta)

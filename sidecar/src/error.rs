@@ -130,13 +130,6 @@ impl ApiError {
     }
 }
 
-/// A config the sidecar refuses, as the admin API answers it.
-impl From<crate::config::ConfigError> for ApiError {
-    fn from(e: crate::config::ConfigError) -> Self {
-        ApiError::invalid(format!("config rejected: {e}"), None)
-    }
-}
-
 #[derive(Serialize)]
 struct Body<'a> {
     error: Inner<'a>,

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use crate::attest::{Record, Unsigned};
 use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, TokenLabels};
 use crate::peers::Owner;
-use crate::quota::KeySlot;
+use crate::quota::{KeySlot, TokenReservation};
 use crate::sse::Usage;
 use crate::stream::{End, EndCause, OnEnd};
 use crate::table::{now_ns, Backend, KeyEntry, Route};
@@ -38,6 +38,9 @@ pub struct Exchange {
     pub slot: Slot,
     /// The key's concurrency slot, if it has a limit.
     pub key_slot: Option<KeySlot>,
+    /// Tokens reserved at admission, settled when the answer ends (given
+    /// back if it is dropped unsettled).
+    pub reservation: Option<TokenReservation>,
     /// Size of the client's request body (for a usage estimate).
     pub request_bytes: u64,
     /// A text generation: tokens the upstream did not count are estimated
@@ -108,7 +111,7 @@ impl Exchange {
 }
 
 impl OnEnd for Exchange {
-    fn on_end(self, end: End) {
+    fn on_end(mut self, end: End) {
         let m = &self.state.metrics;
         let duration = self.received.elapsed();
         let route = &self.route;
@@ -163,8 +166,14 @@ impl OnEnd for Exchange {
             m.completion_tokens
                 .get_or_create(&labels)
                 .inc_by(u.completion_tokens);
-            if let Some(q) = self.key.quota.as_ref().filter(|_| self.charge) {
-                q.charge_tokens(now_ns(), u.prompt_tokens + u.completion_tokens);
+        }
+        let used = usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens);
+        match self.reservation.take() {
+            Some(reserved) => reserved.settle(now_ns(), used),
+            None => {
+                if let Some(q) = self.key.quota.as_ref().filter(|_| self.charge && used > 0) {
+                    q.charge_tokens(now_ns(), used);
+                }
             }
         }
         self.record_answer(&end);

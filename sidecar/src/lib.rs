@@ -159,21 +159,16 @@ impl AppState {
     /// Validate, compile and atomically install a config. On error the old
     /// table stays in place untouched. Returns the new version.
     pub fn swap(&self, config: GatewayConfig) -> Result<String, ConfigError> {
-        self.swap_with(|_, _| Ok(config))
+        self.swap_with(|current| Table::build(config, Some(current)))
     }
 
-    /// Like `swap`, with the next config made from the running one and its
-    /// version, under the swap lock (a delta applies to exactly the config
-    /// it was made for, whatever else is being pushed at the same time).
-    pub fn swap_with<E: From<ConfigError>>(
-        &self,
-        next: impl FnOnce(&GatewayConfig, &str) -> Result<GatewayConfig, E>,
-    ) -> Result<String, E> {
+    /// Like `swap`, with the next table made from the running one, under
+    /// the swap lock (a delta applies to exactly the table it was made for,
+    /// whatever else is being pushed at the same time).
+    pub fn swap_with<E>(&self, next: impl FnOnce(&Table) -> Result<Table, E>) -> Result<String, E> {
         let _guard = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.table.load_full();
-        let built = next(&current.config, &current.version)
-            .and_then(|config| Table::build(config, Some(&current)).map_err(E::from));
-        match built {
+        match next(&current) {
             Ok(table) => {
                 let version = table.version.clone();
                 self.peers.warn_if_unreachable(&table);

@@ -33,6 +33,8 @@ use crate::AppState;
 /// Largest non-streamed upstream body the gateway will hold.
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 const MAX_ATTEMPTS: usize = 3;
+/// Tokens reserved for an answer whose request sets no `max_tokens`.
+const DEFAULT_ANSWER_TOKENS: u64 = 256;
 
 pub async fn forward(
     state: Arc<AppState>,
@@ -88,6 +90,18 @@ pub async fn forward(
     }
     let pinned =
         pinned_target(&state, &table, &key, route, &headers, &parsed, hop.as_ref()).await?;
+    // Generated tokens are reserved before the upstream is asked (about
+    // four bytes of prompt per token, plus the answer's bound), so streams
+    // opened together cannot spend more than the key's budget.
+    let mut reservation = match key.quota.as_ref().filter(|_| hop.is_none()) {
+        Some(q) if endpoint.generates() => {
+            let answer = parsed.max_tokens.unwrap_or(DEFAULT_ANSWER_TOKENS);
+            let prompt = (body.len() as u64).div_ceil(4);
+            q.reserve_tokens(now_ns(), prompt.saturating_add(answer))
+                .map_err(ApiError::RateLimited)?
+        }
+        _ => None,
+    };
     let session = session_key(route, &headers, &parsed);
     let prefix = pinned
         .is_none()
@@ -186,6 +200,7 @@ pub async fn forward(
                         received,
                         slot,
                         key_slot: key_slot.take(),
+                        reservation: reservation.take(),
                         // An upload's bytes say nothing of its tokens.
                         request_bytes: if endpoint.form() {
                             0

@@ -55,6 +55,17 @@ impl Gcra {
         }
     }
 
+    /// Give back `cost` units taken earlier (a reservation larger than
+    /// what was used).
+    pub fn refund(&self, cost: u64) {
+        let sub = cost.saturating_mul(self.unit_ns);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |tat| {
+                Some(tat.saturating_sub(sub))
+            });
+    }
+
     /// Charge `cost` whatever the balance (it may go into debt).
     pub fn charge(&self, now_ns: u64, cost: u64) {
         let add = cost.saturating_mul(self.unit_ns);
@@ -124,6 +135,34 @@ impl KeyQuota {
         Ok(slot)
     }
 
+    /// Take `tokens` from the key's token budget before the upstream is
+    /// asked (the prompt and `max_tokens`, or an estimate), so concurrent
+    /// long streams cannot together spend more than the budget; the
+    /// reservation is settled against what was used when the answer ends,
+    /// and given back whole if it never starts. At most a minute's worth is
+    /// reserved, so any one request can be admitted with a full budget.
+    pub fn reserve_tokens(
+        self: &Arc<Self>,
+        now_ns: u64,
+        tokens: u64,
+    ) -> Result<Option<TokenReservation>, Exceeded> {
+        let Some(bucket) = &self.tokens else {
+            return Ok(None);
+        };
+        let tokens = tokens.clamp(1, self.limits.tokens_per_minute);
+        bucket
+            .take(now_ns, tokens)
+            .map_err(|retry_after| Exceeded {
+                what: "tokens",
+                retry_after,
+            })?;
+        Ok(Some(TokenReservation {
+            quota: self.clone(),
+            tokens,
+            settled: false,
+        }))
+    }
+
     pub fn charge_tokens(&self, now_ns: u64, tokens: u64) {
         if let Some(t) = &self.tokens {
             t.charge(now_ns, tokens);
@@ -132,6 +171,39 @@ impl KeyQuota {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Tokens taken from a key's budget for one request; given back on drop
+/// unless `settle` ran.
+pub struct TokenReservation {
+    quota: Arc<KeyQuota>,
+    tokens: u64,
+    settled: bool,
+}
+
+impl TokenReservation {
+    /// The request used `used` tokens: charge what the reservation did not
+    /// cover, give back what it covered in excess.
+    pub fn settle(mut self, now_ns: u64, used: u64) {
+        self.settled = true;
+        if let Some(bucket) = &self.quota.tokens {
+            if used > self.tokens {
+                bucket.charge(now_ns, used - self.tokens);
+            } else {
+                bucket.refund(self.tokens - used);
+            }
+        }
+    }
+}
+
+impl Drop for TokenReservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            if let Some(bucket) = &self.quota.tokens {
+                bucket.refund(self.tokens);
+            }
+        }
     }
 }
 
@@ -182,6 +254,34 @@ mod tests {
         assert_eq!(e.what, "tokens");
         assert_eq!(e.retry_after, Duration::from_secs(60));
         assert!(q.admit(t0 + 60 * SEC).is_ok());
+    }
+
+    #[test]
+    fn reservations_hold_back_concurrent_requests_and_settle_to_what_was_used() {
+        let q = Arc::new(KeyQuota::new(KeyLimits {
+            tokens_per_minute: 1000,
+            ..Default::default()
+        }));
+        let t0 = 1000 * SEC;
+        q.admit(t0).unwrap();
+        let a = q.reserve_tokens(t0, 400).unwrap().unwrap();
+        let b = q.reserve_tokens(t0, 400).unwrap().unwrap();
+        // Two long streams in flight hold 800: a third cannot take 400.
+        let e = q.reserve_tokens(t0, 400).err().unwrap();
+        assert_eq!(e.what, "tokens");
+        // One used only 100: 300 come back, and the third fits.
+        a.settle(t0, 100);
+        let c = q.reserve_tokens(t0, 400).unwrap().unwrap();
+        // A request that never reached the upstream gives back all of it.
+        drop(c);
+        drop(b);
+        assert!(q.reserve_tokens(t0, 900).unwrap().is_some());
+        // More than a minute's worth is capped so it can be admitted at all.
+        let q = Arc::new(KeyQuota::new(KeyLimits {
+            tokens_per_minute: 10,
+            ..Default::default()
+        }));
+        assert!(q.reserve_tokens(t0, 5000).unwrap().is_some());
     }
 
     #[test]

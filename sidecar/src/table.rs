@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderValue;
 
 use crate::config::{
-    BackendId, ConfigError, GatewayConfig, KeyId, Limits, PrefixAffinity, Sticky, Strategy,
-    Timeouts,
+    BackendId, ConfigDelta, ConfigError, GatewayConfig, KeyId, Limits, PrefixAffinity, Sticky,
+    Strategy, Timeouts,
 };
 use crate::quota::KeyQuota;
 
@@ -255,40 +255,7 @@ impl Table {
                 models.insert(n.clone(), route.clone());
             }
         }
-        let old_quotas: HashMap<&str, &Arc<KeyQuota>> = previous
-            .map(|p| {
-                p.keys
-                    .values()
-                    .filter_map(|k| Some((k.id.as_str(), k.quota.as_ref()?)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut keys = HashMap::new();
-        for k in &config.keys {
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(&k.sha256, &mut hash)
-                .map_err(|_| ConfigError::Invalid(format!("keys[{}]: bad sha256", k.id)))?;
-            let all_models = k.models.iter().any(|m| m == "*");
-            let allowed = k
-                .models
-                .iter()
-                .filter_map(|m| models.get(m).map(|r: &Arc<Route>| r.name.clone()))
-                .collect();
-            keys.insert(
-                hash,
-                Arc::new(KeyEntry {
-                    id: k.id.clone(),
-                    hash,
-                    admin: k.admin,
-                    all_models,
-                    models: allowed,
-                    quota: k.limits.map(|limits| match old_quotas.get(k.id.as_str()) {
-                        Some(q) if q.limits == limits => Arc::clone(q),
-                        _ => Arc::new(KeyQuota::new(limits)),
-                    }),
-                }),
-            );
-        }
+        let keys = build_keys(&config, &models, previous)?;
         Ok(Table {
             limits: config.limits,
             config: Arc::new(config),
@@ -300,6 +267,74 @@ impl Table {
         })
     }
 
+    /// The table after `delta` (which the caller checked is for this
+    /// version), rebuilding only what it touches: a change to keys alone,
+    /// such as a revocation, keeps every route and backend as it is.
+    pub fn apply(&self, delta: &ConfigDelta) -> Result<Table, ConfigError> {
+        let config = self.config.apply(delta)?;
+        let keys_only = delta.backends.is_empty()
+            && delta.models.is_empty()
+            && delta.timeouts.is_none()
+            && delta.limits.is_none();
+        if !keys_only {
+            return Table::build(config, Some(self));
+        }
+        Ok(Table {
+            keys: build_keys(&config, &self.models, Some(self))?,
+            limits: config.limits,
+            version: config.effective_version(),
+            config: Arc::new(config),
+            models: self.models.clone(),
+            backends: self.backends.clone(),
+            unavailable: self.unavailable.clone(),
+        })
+    }
+}
+
+/// Keys by hash; a key whose id and limits stay keeps its quota state.
+fn build_keys(
+    config: &GatewayConfig,
+    models: &HashMap<String, Arc<Route>>,
+    previous: Option<&Table>,
+) -> Result<HashMap<[u8; 32], Arc<KeyEntry>>, ConfigError> {
+    let old_quotas: HashMap<&str, &Arc<KeyQuota>> = previous
+        .map(|p| {
+            p.keys
+                .values()
+                .filter_map(|k| Some((k.id.as_str(), k.quota.as_ref()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut keys = HashMap::new();
+    for k in &config.keys {
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(&k.sha256, &mut hash)
+            .map_err(|_| ConfigError::Invalid(format!("keys[{}]: bad sha256", k.id)))?;
+        let all_models = k.models.iter().any(|m| m == "*");
+        let allowed = k
+            .models
+            .iter()
+            .filter_map(|m| models.get(m).map(|r: &Arc<Route>| r.name.clone()))
+            .collect();
+        keys.insert(
+            hash,
+            Arc::new(KeyEntry {
+                id: k.id.clone(),
+                hash,
+                admin: k.admin,
+                all_models,
+                models: allowed,
+                quota: k.limits.map(|limits| match old_quotas.get(k.id.as_str()) {
+                    Some(q) if q.limits == limits => Arc::clone(q),
+                    _ => Arc::new(KeyQuota::new(limits)),
+                }),
+            }),
+        );
+    }
+    Ok(keys)
+}
+
+impl Table {
     pub fn key(&self, hash: &[u8; 32]) -> Option<&Arc<KeyEntry>> {
         self.keys.get(hash)
     }
@@ -371,6 +406,38 @@ models:
         );
         let both = "backends: [{ id: a, url: \"http://a\", group: g }]\nmodels: [{ name: m, targets: [{ group: g, backend: a }] }]\n";
         assert!(GatewayConfig::from_yaml(both).is_err());
+    }
+
+    #[test]
+    fn a_key_revocation_delta_rebuilds_the_keys_only() {
+        let (a, b) = ("ig-delta-key-a-00000000", "ig-delta-key-b-00000000");
+        let yaml = |keys: &str| {
+            format!(
+                "keys: [{keys}]\nbackends: [{{ id: x, url: \"http://x\" }}]\n\
+                 models: [{{ name: m, targets: [{{ backend: x }}] }}]\n"
+            )
+        };
+        let both = format!(
+            "{{ id: a, sha256: \"{}\" }}, {{ id: b, sha256: \"{}\" }}",
+            hash_key(a),
+            hash_key(b)
+        );
+        let only_a = format!("{{ id: a, sha256: \"{}\" }}", hash_key(a));
+        let old = Table::build(GatewayConfig::from_yaml(&yaml(&both)).unwrap(), None).unwrap();
+        let new = GatewayConfig::from_yaml(&yaml(&only_a)).unwrap();
+        let delta = old.config.diff(&new, &old.version, "v2").unwrap();
+        let next = old.apply(&delta).unwrap();
+        assert_eq!(next.version, "v2");
+        let hash =
+            |k: &str| -> [u8; 32] { <sha2::Sha256 as sha2::Digest>::digest(k.as_bytes()).into() };
+        assert!(next.key(&hash(a)).is_some() && next.key(&hash(b)).is_none());
+        // Routes and backends are the same objects: counters, cursors and
+        // connection pools carry on.
+        assert!(Arc::ptr_eq(
+            old.route("m").unwrap(),
+            next.route("m").unwrap()
+        ));
+        assert!(Arc::ptr_eq(&old.backends["x"], &next.backends["x"]));
     }
 
     #[test]

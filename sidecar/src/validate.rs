@@ -98,6 +98,10 @@ pub struct Parsed {
     pub previous_response_id: Option<String>,
     /// Where the prompt's head is, for prefix-affinity routing.
     pub prefix: crate::prefix::Source,
+    /// The most tokens the answer may have (`max_tokens`,
+    /// `max_completion_tokens` or `max_output_tokens`, the smallest given):
+    /// what the key's token budget reserves for it.
+    pub max_tokens: Option<u64>,
 }
 
 /// Replace `range` of the body with `text` (an empty range inserts).
@@ -133,6 +137,12 @@ struct Body<'a> {
     request_id: Option<&'a RawValue>,
     #[serde(default)]
     background: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -292,6 +302,14 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
         include_usage,
         usage_edit,
         user: parsed.user.map(Cow::into_owned),
+        max_tokens: [
+            parsed.max_tokens,
+            parsed.max_completion_tokens,
+            parsed.max_output_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .min(),
         // Only the Responses API keeps state that a later request names.
         previous_response_id: parsed
             .previous_response_id

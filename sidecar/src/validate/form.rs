@@ -87,6 +87,7 @@ pub fn validate_form(body: &[u8], boundary: &str) -> Result<Parsed, ApiError> {
         user: None,
         previous_response_id: None,
         prefix: crate::prefix::Source::None,
+        max_tokens: None,
     })
 }
 

@@ -114,6 +114,38 @@ async fn tokens_per_minute_counts_what_the_upstream_reported() {
 }
 
 #[tokio::test]
+async fn streams_opened_together_cannot_spend_more_than_the_token_budget() {
+    // Each stream takes ~1 s: the quota decides while they are in flight.
+    let sim = simulator("s0", 20, 50).await;
+    let limits = KeyLimits {
+        tokens_per_minute: 1000,
+        ..Default::default()
+    };
+    let gw = gateway(with_limits(&[&sim.url], limits, "")).await;
+    let mut body = chat_body("m", true);
+    body["max_tokens"] = 400.into();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let resp = post_chat(&gw, KEY, &body, &[]).await;
+        assert_eq!(resp.status(), 200);
+        let mut stream = resp.bytes_stream();
+        stream.next().await.unwrap().unwrap();
+        open.push(stream);
+    }
+    // Two answers of up to 400 tokens each are in flight: a third could
+    // take the key past its 1000 a minute, so it waits.
+    let (status, retry, code) = code_of(post_chat(&gw, KEY, &body, &[]).await).await;
+    assert_eq!((status, code.as_str()), (429, "rate_limit_exceeded"));
+    assert!(retry.is_some());
+    // They end having used ~25 tokens each: the rest comes back.
+    for mut stream in open {
+        while stream.next().await.is_some() {}
+    }
+    gw.settle().await;
+    assert_eq!(post_chat(&gw, KEY, &body, &[]).await.status(), 200);
+}
+
+#[tokio::test]
 async fn a_full_backend_queues_briefly_then_answers_503() {
     let sim = simulator("s0", 30, 20).await;
     let mut cfg = config(&[&sim.url], "", "limits: { queueMs: 200 }");
