@@ -29,7 +29,7 @@ fn config(backends: usize, keys: usize) -> GatewayConfig {
     for i in 0..backends {
         yaml += &format!("  - {{ id: b{i}, url: http://10.0.0.{i}:8000 }}\n");
     }
-    for strategy in ["roundRobin", "leastInFlight"] {
+    for strategy in ["roundRobin", "leastInFlight", "prefixAffinity"] {
         yaml += if strategy == "roundRobin" {
             "models:\n"
         } else {
@@ -78,16 +78,21 @@ fn balance(c: &mut Criterion) {
         let rr = table.route("roundRobin").unwrap();
         let lif = table.route("leastInFlight").unwrap();
         g.bench_function(format!("round_robin/{n}"), |b| {
-            b.iter(|| black_box(pick(rr, None, Tried::default(), 0)))
+            b.iter(|| black_box(pick(rr, None, None, Tried::default(), 0)))
         });
         g.bench_function(format!("least_in_flight/{n}"), |b| {
-            b.iter(|| black_box(pick(lif, None, Tried::default(), 0)))
+            b.iter(|| black_box(pick(lif, None, None, Tried::default(), 0)))
+        });
+        let pa = table.route("prefixAffinity").unwrap();
+        g.bench_function(format!("prefix_bounded/{n}"), |b| {
+            b.iter(|| black_box(pick(pa, None, Some(black_box(1234)), Tried::default(), 0)))
         });
         g.bench_function(format!("rendezvous/{n}"), |b| {
             b.iter(|| {
                 black_box(pick(
                     rr,
                     Some(black_box("session-1234")),
+                    None,
                     Tried::default(),
                     0,
                 ))

@@ -2,6 +2,8 @@
 //! seed's approach to streaming, kept here (not in the sidecar) so nothing
 //! in the product is public only for benchmarks.
 
+pub mod workloads;
+
 use std::sync::Mutex;
 
 use bytes::Bytes;

@@ -217,6 +217,7 @@ mod tests {
                 aliases: vec![],
                 strategy: Default::default(),
                 sticky: Default::default(),
+                prefix: Default::default(),
                 targets: vec![Target {
                     backend: None,
                     group: Some("g".into()),

@@ -22,7 +22,7 @@ pub use delta::{Changes, ConfigDelta};
 pub use ids::{BackendId, KeyId};
 pub use keys::{hash_key, ApiKey, KeyLimits};
 pub use limits::Limits;
-pub use routes::{ModelRoute, Sticky, Strategy, Target};
+pub use routes::{ModelRoute, PrefixAffinity, Sticky, Strategy, Target};
 pub use version::canonical_json;
 
 /// The header of an admin `PUT /admin/v1/config` answer naming the backends

@@ -56,6 +56,19 @@ impl GatewayConfig {
             if m.targets.is_empty() {
                 return invalid(format!("models[{}]: no targets", m.name));
             }
+            if m.prefix.key_bytes < 64 || m.prefix.key_bytes > 1 << 20 {
+                return invalid(format!(
+                    "models[{}]: prefix.keyBytes must be 64 to 1048576",
+                    m.name
+                ));
+            }
+            // NaN fails this too.
+            if !(1.0..=100.0).contains(&m.prefix.load_factor) {
+                return invalid(format!(
+                    "models[{}]: prefix.loadFactor must be 1.0 to 100.0",
+                    m.name
+                ));
+            }
             for t in &m.targets {
                 let what = match (&t.backend, &t.group) {
                     (Some(b), None) if backend_ids.contains(b.as_str()) => format!("{b:?}"),

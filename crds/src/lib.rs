@@ -163,6 +163,9 @@ pub struct ModelRouteSpec {
     pub backends: Vec<RouteBackend>,
     #[serde(default)]
     pub strategy: Strategy,
+    /// Tuning of the `prefixAffinity` strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_affinity: Option<PrefixAffinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky: Option<StickyKey>,
     /// Ids of the API keys (Secret names) that may use this model; empty
@@ -193,7 +196,26 @@ fn one() -> u32 {
 pub enum Strategy {
     #[default]
     RoundRobin,
+    /// Fewest requests in flight, fleet-wide (pods' vLLM metrics, shared by
+    /// the sidecars).
     LeastInFlight,
+    /// Rendezvous hashing on the prompt's prefix with bounded load: the pod
+    /// that holds a prefix in its KV cache gets it, from every sidecar.
+    PrefixAffinity,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefixAffinity {
+    /// Bytes of the prompt's head (system messages and first turn) hashed
+    /// into the key; default 16384.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 64, max = 1048576))]
+    pub key_bytes: Option<u32>,
+    /// A pod above this times the mean load is skipped; default 1.25.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub load_factor: Option<f64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -160,7 +160,9 @@ pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
             strategy: match spec.strategy {
                 Strategy::RoundRobin => config::Strategy::RoundRobin,
                 Strategy::LeastInFlight => config::Strategy::LeastInFlight,
+                Strategy::PrefixAffinity => config::Strategy::PrefixAffinity,
             },
+            prefix: prefix_affinity(spec.prefix_affinity),
             sticky: spec
                 .sticky
                 .as_ref()
@@ -293,6 +295,16 @@ fn provider_backends(
             )
         })
         .collect()
+}
+
+/// The CRD's optional tuning over the sidecar's defaults.
+fn prefix_affinity(p: Option<infergate_crds::PrefixAffinity>) -> config::PrefixAffinity {
+    let d = config::PrefixAffinity::default();
+    let p = p.unwrap_or_default();
+    config::PrefixAffinity {
+        key_bytes: p.key_bytes.unwrap_or(d.key_bytes),
+        load_factor: p.load_factor.unwrap_or(d.load_factor),
+    }
 }
 
 #[cfg(test)]

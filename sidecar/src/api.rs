@@ -37,6 +37,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/signature/{id}", get(signature))
         .route("/v1/internal/owner/{id}", get(owner))
+        .route(crate::load_peer::PATH, get(crate::load_peer::serve))
         .route(
             "/v1/responses/{id}",
             get(crate::responses::get_response).delete(crate::responses::delete_response),

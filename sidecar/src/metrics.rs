@@ -69,6 +69,8 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabels, Counter>,
     pub upstream_errors: Family<ErrorLabels, Counter>,
     pub in_flight: Family<BackendLabels, Gauge>,
+    /// Fleet-wide load estimate routing uses; -1 when the pod's metrics vanished.
+    pub backend_load: Family<BackendLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub stream_ends: Family<ReasonLabels, Counter>,
     pub config_swaps: Family<ReasonLabels, Counter>,
     pub config_version: Family<VersionLabels, Gauge>,
@@ -105,6 +107,7 @@ impl Default for Metrics {
             rejected: Family::default(),
             upstream_errors: Family::default(),
             in_flight: Family::default(),
+            backend_load: Family::default(),
             stream_ends: Family::default(),
             config_swaps: Family::default(),
             config_version: Family::default(),
@@ -136,6 +139,12 @@ impl Default for Metrics {
             "in_flight_requests",
             "Requests in flight by backend",
             m.in_flight.clone(),
+        );
+        registry.register(
+            "backend_load",
+            "Fleet-wide load estimate (requests) routing uses per backend, from \
+             vLLM metrics and peers; -1 when the backend's metrics vanished",
+            m.backend_load.clone(),
         );
         registry.register(
             "stream_ends",

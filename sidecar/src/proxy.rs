@@ -103,6 +103,10 @@ pub async fn forward(
         _ => None,
     };
     let session = session_key(route, &headers, &parsed);
+    let prefix = pinned
+        .is_none()
+        .then(|| crate::prefix::route_key(route, &body, &parsed.prefix))
+        .flatten();
     // Streams always ask the upstream for usage (quotas need the count);
     // a client that did not ask does not get the usage event.
     let strip_usage = parsed.usage_edit.is_some();
@@ -119,7 +123,8 @@ pub async fn forward(
             route.targets.len().min(MAX_ATTEMPTS)
         };
         for _ in 0..attempts {
-            let Some(i) = pinned.or_else(|| balance::pick(route, session, tried, now_ms())) else {
+            let Some(i) = pinned.or_else(|| balance::pick(route, session, prefix, tried, now_ms()))
+            else {
                 break;
             };
             tried.add(i);
@@ -547,6 +552,15 @@ async fn respond(
     if let Ok(v) = HeaderValue::from_str(exchange.backend.id.as_str()) {
         headers.insert(HeaderName::from_static("x-infergate-backend"), v);
     }
+    // `charge` is false exactly on a hop served here for a peer.
+    let (for_peer, via_peer) = (!exchange.charge, exchange.via.is_some());
+    crate::load_peer::on_answer(
+        &exchange.backend,
+        for_peer,
+        via_peer,
+        resp.headers(),
+        &mut headers,
+    );
     if let Ok(v) = HeaderValue::from_str(&exchange.request_id) {
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }

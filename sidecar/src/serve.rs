@@ -42,6 +42,8 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> io::Result<TcpListener> {
 /// Prints the one `listening` line scripts and tests parse for the ports.
 pub async fn run(state: Arc<AppState>, public: TcpListener, admin: TcpListener) -> io::Result<()> {
     state.listening_on(public.local_addr()?);
+    // Load signals for least-loaded and prefix-affinity routing.
+    crate::load_peer::spawn(state.clone());
     println!(
         "infergate-sidecar listening public=http://{} admin=http://{} version={}",
         public.local_addr()?,

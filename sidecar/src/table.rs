@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderValue;
 
 use crate::config::{
-    BackendId, ConfigDelta, ConfigError, GatewayConfig, KeyId, Limits, Sticky, Strategy, Timeouts,
+    BackendId, ConfigDelta, ConfigError, GatewayConfig, KeyId, Limits, PrefixAffinity, Sticky,
+    Strategy, Timeouts,
 };
 use crate::quota::KeyQuota;
 
@@ -52,6 +53,7 @@ pub struct Route {
     pub name: String,
     pub strategy: Strategy,
     pub sticky: Sticky,
+    pub prefix: PrefixAffinity,
     pub targets: Vec<RouteTarget>,
     pub total_weight: u64,
     /// Only these keys may use the route, when not empty.
@@ -94,6 +96,8 @@ pub struct BackendCounters {
     /// Milliseconds since `clock_origin()` before which the backend rests.
     pub ejected_until_ms: AtomicU64,
     pub consecutive_failures: AtomicU32,
+    /// Fleet-wide load from the pod's metrics (here or via its sidecar).
+    pub signal: crate::load::Signal,
 }
 
 impl Backend {
@@ -112,6 +116,11 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.counters.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Fleet-wide load estimate; `None` when the pod's metrics vanished.
+    pub fn load(&self, now_ms: u64) -> Option<f64> {
+        self.counters.signal.estimate(self.in_flight(), now_ms)
     }
 
     /// Passive health: rest for `base` doubled per consecutive failure (max 8x).
@@ -235,6 +244,7 @@ impl Table {
                 name: m.name.clone(),
                 strategy: m.strategy,
                 sticky: m.sticky.clone(),
+                prefix: m.prefix,
                 total_weight: targets.iter().map(|t| t.weight as u64).sum(),
                 keys: m.keys.iter().cloned().collect(),
                 targets,

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
+use crate::prefix::{HeadRecorder, Role, Source};
 
 /// Which endpoint a body is for. The generation endpoints have required
 /// fields the gateway checks; the others (embeddings, tokenizer, scoring)
@@ -95,6 +96,8 @@ pub struct Parsed {
     pub usage_edit: Option<Edit>,
     pub user: Option<String>,
     pub previous_response_id: Option<String>,
+    /// Where the prompt's head is, for prefix-affinity routing.
+    pub prefix: crate::prefix::Source,
     /// The most tokens the answer may have (`max_tokens`,
     /// `max_completion_tokens` or `max_output_tokens`, the smallest given):
     /// what the key's token budget reserves for it.
@@ -118,6 +121,8 @@ struct Body<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    instructions: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(borrow, default, deserialize_with = "present")]
@@ -228,6 +233,8 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
     let (include_usage, usage_edit) = usage_options(body, parsed.stream_options)?;
     let usage_edit =
         usage_edit.filter(|_| stream && matches!(endpoint, Endpoint::Chat | Endpoint::Completions));
+    let span = |raw: &RawValue| span_of(body, raw.get());
+    let mut prefix = Source::None;
     match endpoint {
         Endpoint::Chat => {
             let messages = parsed.messages.ok_or_else(|| {
@@ -248,9 +255,12 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
                     Some("messages"),
                 ));
             }
+            let mut head = HeadRecorder::default();
             for (i, m) in messages.iter().enumerate() {
                 check_message(i, m)?;
+                head.push(Role::of(&m.role), m.content.and_then(span));
             }
+            prefix = head.finish();
         }
         Endpoint::Completions => {
             let prompt = parsed.prompt.ok_or_else(|| {
@@ -262,6 +272,7 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
                     Some("prompt"),
                 ));
             }
+            prefix = span(prompt).map_or(Source::None, Source::Prompt);
         }
         Endpoint::Responses => {
             let input = parsed.input.ok_or_else(|| {
@@ -272,6 +283,12 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
                     "'input' must be a string or an array of items.",
                     Some("input"),
                 ));
+            }
+            if let Some(input) = span(input) {
+                prefix = Source::Responses {
+                    instructions: parsed.instructions.and_then(span),
+                    input,
+                };
             }
         }
         // vLLM checks the rest of these bodies itself.
@@ -298,6 +315,7 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
             .previous_response_id
             .filter(|_| endpoint == Endpoint::Responses)
             .map(Cow::into_owned),
+        prefix,
     })
 }
 

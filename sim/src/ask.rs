@@ -27,6 +27,8 @@ pub(super) struct Ask {
     pub prompt_tokens: usize,
     pub previous_response_id: Option<String>,
     pub store: bool,
+    /// The prompt as token hashes, when the engine models prompts.
+    pub prompt: Vec<u64>,
 }
 
 /// Only the fields the simulator looks at; serde skips the rest unparsed.
@@ -60,9 +62,13 @@ impl Ask {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<(Active, Ask), Response> {
-        let active = Active::start(sim);
+        let mut active = Active::start(sim);
         match Ask::read(sim, headers, body).await {
-            Ok(ask) => Ok((active, ask)),
+            Ok(ask) => {
+                // Queue, cache look-up and prefill: before the first token.
+                active.running = Some(sim.engine.run(&ask.prompt, ask.tokens).await);
+                Ok((active, ask))
+            }
             Err(resp) => {
                 active.finish();
                 Err(resp)
@@ -136,6 +142,16 @@ impl Ask {
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
             prompt_tokens: prompt.into_iter().flatten().map(words).sum(),
+            prompt: if sim.engine.config().models_prompts() {
+                super::engine::tokens(&[
+                    &body.instructions,
+                    &body.messages,
+                    &body.input,
+                    &body.prompt,
+                ])
+            } else {
+                Vec::new()
+            },
             previous_response_id: body.previous_response_id,
             store: body.store.unwrap_or(true),
         })

@@ -15,6 +15,8 @@
 
 mod ask;
 mod completions;
+pub mod engine;
+pub mod kv;
 mod responses;
 mod stream;
 
@@ -50,6 +52,8 @@ pub struct SimConfig {
     pub fault: Option<Fault>,
     /// If set, `/v1/*` requires `Authorization: Bearer <key>`, as `vllm --api-key`.
     pub api_key: Option<String>,
+    /// Scheduler, prefix cache and prefill cost (all off by default).
+    pub engine: engine::EngineConfig,
 }
 
 impl Default for SimConfig {
@@ -61,6 +65,7 @@ impl Default for SimConfig {
             delay: Duration::ZERO,
             fault: None,
             api_key: None,
+            engine: engine::EngineConfig::default(),
         }
     }
 }
@@ -147,10 +152,12 @@ pub struct Sim {
     cancelled: AtomicU64,
     ids: Ids,
     responses: responses::Store,
+    engine: engine::Engine,
 }
 
 impl Sim {
     pub fn new(config: SimConfig) -> Arc<Sim> {
+        let engine = config.engine;
         Arc::new(Sim {
             backend: HeaderValue::from_str(&config.id).ok(),
             config,
@@ -160,11 +167,16 @@ impl Sim {
             cancelled: AtomicU64::new(0),
             ids: Ids::new(),
             responses: responses::Store::default(),
+            engine: engine::Engine::new(engine),
         })
     }
 
     pub fn config(&self) -> &SimConfig {
         &self.config
+    }
+
+    pub fn engine(&self) -> &engine::Engine {
+        &self.engine
     }
 
     pub fn stats(&self) -> SimStats {
@@ -183,6 +195,8 @@ impl Sim {
 struct Active {
     sim: Arc<Sim>,
     done: bool,
+    /// Holds the engine's slot and blocks while the answer is produced.
+    running: Option<engine::Running>,
 }
 
 impl Active {
@@ -192,6 +206,7 @@ impl Active {
         Active {
             sim: sim.clone(),
             done: false,
+            running: None,
         }
     }
 
@@ -248,6 +263,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .merge(v1)
         .route("/health", get(|| async {}))
+        .route("/metrics", get(metrics))
         .route(
             "/sim/stats",
             get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }),
@@ -258,6 +274,19 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .layer(DefaultBodyLimit::max(64 << 20))
         .layer(middleware::map_response_with_state(sim.clone(), tag))
         .with_state(sim)
+}
+
+/// vLLM's Prometheus metrics (the load and prefix-cache ones).
+async fn metrics(State(sim): State<Arc<Sim>>) -> Response {
+    let model = sim.config.models.first().map_or("", String::as_str);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        sim.engine.metrics(model),
+    )
+        .into_response()
 }
 
 async fn tag(State(sim): State<Arc<Sim>>, mut resp: Response) -> Response {

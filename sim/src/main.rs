@@ -29,12 +29,25 @@ struct Args {
     /// Completion tokens per answer (a request's max_tokens may cut it).
     #[arg(long, default_value_t = 16)]
     tokens: usize,
-    /// Delay before each token, in milliseconds.
+    /// Delay before each token (decode time per output token), in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
     /// 500 | refuse | stall-after:N | drop-after:N | malformed-after:N | slow-headers:MS
     #[arg(long)]
     fault: Option<Fault>,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Prefix cache capacity in blocks (LRU eviction); 0 = no prefix caching.
+    #[arg(long, default_value_t = 0)]
+    cache_blocks: usize,
+    /// Prefill time per uncached prompt token, in microseconds (prefills
+    /// run one at a time; decode time per output token is --delay-ms).
+    #[arg(long, default_value_t = 0)]
+    prefill_us_per_token: u64,
+    /// Sequences running at once; more wait in a queue. 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    max_running: usize,
     /// Require `Authorization: Bearer <key>` on /v1/*.
     #[arg(long, env = "VLLM_SIM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -52,6 +65,12 @@ async fn main() -> std::io::Result<()> {
         delay: Duration::from_millis(args.delay_ms),
         fault: args.fault,
         api_key: args.api_key,
+        engine: sim::engine::EngineConfig {
+            block_size: args.block_size,
+            cache_blocks: args.cache_blocks,
+            prefill_us_per_token: args.prefill_us_per_token,
+            max_running: args.max_running,
+        },
     };
     println!("vllm-sim listening on http://{addr}");
     std::io::stdout().flush()?;

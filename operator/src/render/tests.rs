@@ -18,6 +18,7 @@ fn route(model: &str, providers: &[&str]) -> ModelRouteSpec {
             })
             .collect(),
         strategy: Strategy::RoundRobin,
+        prefix_affinity: None,
         sticky: None,
         api_keys: vec![],
     }
@@ -241,5 +242,26 @@ fn key_limits_are_rendered_as_each_sidecars_share() {
             .unwrap()
             .requests_per_minute,
         600
+    );
+}
+
+#[test]
+fn prefix_affinity_renders_with_its_tuning_over_the_defaults() {
+    let mut i = inputs();
+    let mut r = route("m", &["ext"]);
+    r.strategy = Strategy::PrefixAffinity;
+    r.prefix_affinity = Some(infergate_crds::PrefixAffinity {
+        key_bytes: None,
+        load_factor: Some(1.5),
+    });
+    i.routes.insert(key("ai", "m"), r);
+    let r = render(&i).unwrap();
+    r.config.validate().unwrap();
+    let m = r.config.models.iter().find(|m| m.name == "m").unwrap();
+    assert_eq!(m.strategy, config::Strategy::PrefixAffinity);
+    assert_eq!(m.prefix.load_factor, 1.5);
+    assert_eq!(
+        m.prefix.key_bytes,
+        config::PrefixAffinity::default().key_bytes
     );
 }

@@ -86,6 +86,7 @@ pub fn validate_form(body: &[u8], boundary: &str) -> Result<Parsed, ApiError> {
         usage_edit: None,
         user: None,
         previous_response_id: None,
+        prefix: crate::prefix::Source::None,
         max_tokens: None,
     })
 }

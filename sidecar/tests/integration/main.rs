@@ -13,4 +13,5 @@ mod limits;
 mod metrics;
 mod properties;
 mod proxy;
+mod routing;
 mod wire;

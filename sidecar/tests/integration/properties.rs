@@ -59,7 +59,7 @@ proptest! {
             .filter(|&i| tried_mask & (1 << i) == 0 && full_mask & (1 << i) == 0)
             .collect();
         let healthy: Vec<usize> = usable.iter().copied().filter(|&i| ejected_mask & (1 << i) == 0).collect();
-        match pick(route, session.as_deref(), tried, now_ms()) {
+        match pick(route, session.as_deref(), None, tried, now_ms()) {
             None => prop_assert!(usable.is_empty()),
             Some(i) => {
                 prop_assert!(usable.contains(&i));
@@ -83,8 +83,8 @@ proptest! {
         let mut without = Tried::default();
         without.add(removed);
         for key in &keys {
-            let before = pick(route, Some(key), Tried::default(), 0).unwrap();
-            let after = pick(route, Some(key), without, 0).unwrap();
+            let before = pick(route, Some(key), None, Tried::default(), 0).unwrap();
+            let after = pick(route, Some(key), None, without, 0).unwrap();
             if before != removed {
                 prop_assert_eq!(before, after);
             }
@@ -99,7 +99,7 @@ proptest! {
         let total: u32 = weights.iter().sum();
         let mut counts = vec![0u32; weights.len()];
         for _ in 0..total {
-            counts[pick(route, None, Tried::default(), 0).unwrap()] += 1;
+            counts[pick(route, None, None, Tried::default(), 0).unwrap()] += 1;
         }
         prop_assert_eq!(counts, weights);
     }
