@@ -127,7 +127,12 @@ pub(super) async fn report(
                 .find(|e| report::is_for(e, a))
                 .cloned()
                 .ok_or_else(not_here)?;
-            report::assemble(&chosen, own.as_ref(), &[chosen.clone()], &unreachable)
+            report::assemble(
+                &chosen,
+                own.as_ref(),
+                std::slice::from_ref(&chosen),
+                &unreachable,
+            )
         }
         (None, Some(own)) => report::assemble(own, Some(own), &entries, &unreachable),
         // Without an address this sidecar always has its own entry.

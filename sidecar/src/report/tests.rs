@@ -210,7 +210,7 @@ fn the_report_lists_every_entry_and_the_gateway() {
     assert_eq!(r["model_attestations"].as_array().unwrap().len(), 2);
     assert_eq!(r["all_attestations"], r["model_attestations"]);
     assert_eq!(r["unreachable"][0]["sidecar"], "http://c");
-    let r = assemble(&a, None, &[a.clone()], &[]);
+    let r = assemble(&a, None, std::slice::from_ref(&a), &[]);
     assert!(r.get("unreachable").is_none() && r.get("gateway_attestation").is_none());
 }
 
