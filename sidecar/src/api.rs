@@ -120,9 +120,10 @@ async fn signature(
     PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<SignatureQuery>,
+    query: Result<Query<SignatureQuery>, axum::extract::rejection::QueryRejection>,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|_| attestation::malformed_query())?;
     let algo = match q.signing_algo.as_deref() {
         None => Algo::Ecdsa,
         Some(a) => Algo::parse(a).ok_or_else(|| {

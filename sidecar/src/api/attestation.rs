@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
@@ -32,8 +33,9 @@ pub(super) async fn report(
     State(s): State<Arc<AppState>>,
     PeerHop(hop): PeerHop,
     headers: HeaderMap,
-    Query(q): Query<ReportQuery>,
+    query: Result<Query<ReportQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|_| malformed_query())?;
     let table = s.table.load_full();
     // A peer's hop was admitted by the sidecar the client reached; a key
     // is checked as everywhere (a wrong one is a 401, not a public ask);
@@ -139,6 +141,15 @@ pub(super) async fn report(
         (None, None) => return Err(not_here()),
     };
     Ok(Json(body).into_response())
+}
+
+/// A query that does not parse (a parameter twice, bad escapes) is a 400
+/// in the OpenAI error shape, not axum's plain-text one.
+pub(super) fn malformed_query() -> ApiError {
+    ApiError::invalid(
+        "Malformed query string (each parameter at most once).",
+        None,
+    )
 }
 
 /// Whether this sidecar serves `model` (or no model was named), and the

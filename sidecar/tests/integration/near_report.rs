@@ -257,6 +257,7 @@ async fn reports_without_a_key_need_the_switch_and_have_their_own_limit() {
         ("/v1/attestation/report?signing_algo=rsa", 400),
         ("/v1/attestation/report?signing_address=0x%20", 400),
         ("/v1/attestation/report?model=nope", 404),
+        ("/v1/attestation/report?nonce=a&nonce=b", 400),
     ] {
         assert_eq!(get(&open, Some(KEY), path).await.0, status, "{path}");
     }
@@ -403,4 +404,13 @@ async fn signature_accepts_near_ais_model_query() {
     .await;
     assert_eq!(status, 200, "{sig}");
     assert_eq!(sig["signing_address"], gw.state.signer.address.as_str());
+    // A repeated parameter is a JSON 400, not a plain-text one.
+    let (status, err) = get(
+        &gw,
+        Some(KEY),
+        &format!("/v1/signature/{id}?model=m&model=n"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["code"], "invalid_request");
 }
