@@ -414,3 +414,52 @@ async fn signature_accepts_near_ais_model_query() {
     assert_eq!(status, 400);
     assert_eq!(err["error"]["code"], "invalid_request");
 }
+
+#[tokio::test]
+async fn a_peer_that_cannot_answer_is_listed_and_the_rest_still_reports() {
+    let sim = simulator("s0", 1, 0).await;
+    // Bound, then closed: nothing listens there any more.
+    let gone = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let cfg = GatewayConfig::from_yaml(&format!(
+        r#"
+keys: [{{ id: key-a, sha256: "{}" }}]
+backends:
+  - {{ id: b0, url: "{}" }}
+  - {{ id: b1, url: "{}", sidecar: "{gone}" }}
+  - {{ id: ext, url: "{}", attestation: false }}
+models:
+  - name: m
+    targets: [{{ backend: b0 }}, {{ backend: b1 }}, {{ backend: ext }}]
+"#,
+        hash_key(KEY),
+        sim.url,
+        sim.url,
+        sim.url,
+    ))
+    .unwrap();
+    for secret in [Some(SECRET.to_vec()), None] {
+        let options = Options {
+            peer_secret: secret.clone(),
+            ..Options::default()
+        };
+        let gw = gateway_with(cfg.clone(), options).await;
+        let (status, r) = get(&gw, Some(KEY), "/v1/attestation/report?model=m&nonce=n").await;
+        assert_eq!(status, 200, "{r}");
+        // This pod's entry; the external provider has nothing to attest.
+        let entries = r["model_attestations"].as_array().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            entries[0]["signing_address"],
+            gw.state.signer.address.as_str()
+        );
+        assert_eq!(r["unreachable"][0]["sidecar"], gone.as_str());
+        let why = r["unreachable"][0]["error"].as_str().unwrap();
+        match secret {
+            Some(_) => assert!(why.contains("could not be reached"), "{why}"),
+            None => assert!(why.contains("no peer secret"), "{why}"),
+        }
+    }
+}
