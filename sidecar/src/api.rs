@@ -20,6 +20,8 @@ use crate::peers::PeerHop;
 use crate::validate::{valid_id, Endpoint};
 use crate::AppState;
 
+mod attestation;
+
 pub fn app(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
     for endpoint in Endpoint::ALL {
@@ -46,7 +48,7 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/v1/responses/{id}/cancel",
             post(crate::responses::cancel_response),
         )
-        .route("/v1/attestation/report", get(report))
+        .route("/v1/attestation/report", get(attestation::report))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -107,6 +109,10 @@ async fn method_not_allowed() -> ApiError {
 #[derive(Deserialize)]
 struct SignatureQuery {
     signing_algo: Option<String>,
+    /// NEAR AI's verifiers name the model; an id already says which
+    /// answer, so it is accepted and not needed.
+    #[allow(dead_code, reason = "accepted for NEAR AI's verifiers, not needed")]
+    model: Option<String>,
 }
 
 async fn signature(
@@ -115,9 +121,10 @@ async fn signature(
     PeerHop(hop): PeerHop,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<SignatureQuery>,
+    query: Result<Query<SignatureQuery>, axum::extract::rejection::QueryRejection>,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|_| attestation::malformed_query())?;
     let algo = match q.signing_algo.as_deref() {
         None => Algo::Ecdsa,
         Some(a) => Algo::parse(a).ok_or_else(|| {
@@ -177,64 +184,6 @@ fn algo_label(algo: Algo) -> &'static str {
         Algo::Ecdsa => "ecdsa",
         Algo::Ed25519 => "ed25519",
     }
-}
-
-#[derive(Deserialize)]
-struct ReportQuery {
-    nonce: Option<String>,
-}
-
-/// Proof that this process holds its keys now: the caller's nonce inside a
-/// statement signed by both keys, plus a TEE quote where one exists.
-async fn report(
-    State(s): State<Arc<AppState>>,
-    _caller: Caller,
-    Query(q): Query<ReportQuery>,
-) -> Result<Response, ApiError> {
-    let nonce = match q.nonce {
-        Some(n)
-            if (1..=128).contains(&n.len())
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
-        {
-            n
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "nonce must be 1 to 128 characters of [A-Za-z0-9_-].",
-                Some("nonce"),
-            ))
-        }
-        None => {
-            let mut n = [0u8; 16];
-            getrandom::getrandom(&mut n).map_err(|_| {
-                ApiError::invalid(
-                    "No nonce given and none could be made; send one.",
-                    Some("nonce"),
-                )
-            })?;
-            hex::encode(n)
-        }
-    };
-    let signer = &s.signer;
-    let statement = format!(
-        "infergate-attestation-report:v1:nonce={nonce}:signing_address={}:ed25519_public_key={}",
-        signer.address, signer.ed25519_public
-    );
-    let tee = crate::attest::tee_quote(s.tee.as_ref(), &nonce).await;
-    Ok(Json(json!({
-        "signing_address": signer.address,
-        "ed25519_public_key": signer.ed25519_public,
-        "signing_algos": ["ecdsa", "ed25519"],
-        "nonce": nonce,
-        "statement": statement,
-        "signatures": {
-            "ecdsa": signer.sign_ecdsa(&statement),
-            "ed25519": signer.sign_ed25519(&statement),
-        },
-        "tee": tee,
-    }))
-    .into_response())
 }
 
 /// For peers only (a hop): which backend here produced `id`, if this

@@ -40,6 +40,9 @@ pub struct Signer {
     pub address: String,
     /// Hex Ed25519 public key.
     pub ed25519_public: String,
+    /// Hex uncompressed secp256k1 public key without its `04` prefix (64
+    /// bytes), as NEAR AI reports `signing_public_key`.
+    pub ecdsa_public: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,9 @@ impl Signer {
         let ed25519 = ed25519_dalek::SigningKey::from_bytes(&ed25519);
         Ok(Signer {
             address: eth_address(&ecdsa),
+            ecdsa_public: hex::encode(
+                &ecdsa.verifying_key().to_encoded_point(false).as_bytes()[1..],
+            ),
             ed25519_public: hex::encode(ed25519.verifying_key().as_bytes()),
             ecdsa,
             ed25519,
@@ -263,45 +269,6 @@ impl Records {
 
     pub fn get(&self, id: &str) -> Option<Arc<Record>> {
         self.cache.get(id)
-    }
-}
-
-/// The TEE section of the attestation report: the quote, or a plain "none".
-pub async fn tee_quote(source: Option<&crate::TeeSource>, nonce: &str) -> serde_json::Value {
-    use crate::TeeSource;
-    use serde_json::json;
-    let result = match source {
-        None => {
-            return json!({
-                "present": false,
-                "message": "No TEE quote source is configured on this sidecar; only the signing keys are attested."
-            })
-        }
-        Some(TeeSource::File(path)) => tokio::fs::read_to_string(path)
-            .await
-            .map(|q| ("file", q.trim().to_owned()))
-            .map_err(|e| format!("reading the quote file failed: {e}")),
-        Some(TeeSource::Command(cmd)) => {
-            let run = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .env("INFERGATE_NONCE", nonce)
-                .kill_on_drop(true)
-                .output();
-            match tokio::time::timeout(Duration::from_secs(10), run).await {
-                Ok(Ok(out)) if out.status.success() => Ok((
-                    "command",
-                    String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-                )),
-                Ok(Ok(out)) => Err(format!("the quote command exited with {}", out.status)),
-                Ok(Err(e)) => Err(format!("the quote command could not run: {e}")),
-                Err(_) => Err("the quote command timed out".to_owned()),
-            }
-        }
-    };
-    match result {
-        Ok((kind, quote)) => json!({"present": true, "source": kind, "quote": quote}),
-        Err(message) => json!({"present": false, "message": message}),
     }
 }
 

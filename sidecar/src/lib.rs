@@ -28,12 +28,14 @@ pub mod prefix;
 pub mod proxy;
 pub mod quota;
 pub mod reload;
+pub mod report;
 pub mod responses;
 pub mod serve;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod sse;
 pub mod stream;
 pub mod table;
+pub mod tee;
 pub mod usage;
 pub mod usage_chunk;
 pub mod validate;
@@ -51,6 +53,7 @@ use config::{ConfigError, GatewayConfig};
 use metrics::{Metrics, ReasonLabels, VersionLabels};
 use peers::{Owners, Peers};
 use table::Table;
+pub use tee::TeeSource;
 
 pub struct AppState {
     /// Read with one atomic load per request; replaced whole on a swap.
@@ -58,7 +61,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub signer: Signer,
     pub records: Records,
-    pub tee: Option<TeeSource>,
+    /// TEE quotes and GPU evidence for the attestation report.
+    pub attestor: tee::Attestor,
     /// The other sidecars: forwarding to them, asking them.
     pub peers: Peers,
     /// Where usage records go, if anywhere.
@@ -82,6 +86,11 @@ pub struct Options {
     pub signer: Option<Signer>,
     /// Where a TEE quote comes from, if this machine has one.
     pub tee: Option<TeeSource>,
+    /// A command printing GPU evidence for `INFERGATE_NONCE_HEX`.
+    pub gpu_evidence_command: Option<String>,
+    /// Serve `/v1/attestation/report` without an API key, at most this
+    /// many a minute (shared by all such callers); None: a key is needed.
+    pub public_attestation_per_minute: Option<u64>,
     /// How many answer records to keep, and for how long.
     pub records_capacity: Option<u64>,
     pub records_ttl: Option<Duration>,
@@ -99,14 +108,6 @@ pub struct Options {
 
 /// Applies a tracing filter directive such as `debug` or `infergate_sidecar=trace`.
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-
-/// A TEE quote for `/v1/attestation/report`: a file's contents, or the
-/// output of a command that receives the nonce in `INFERGATE_NONCE`.
-#[derive(Debug, Clone)]
-pub enum TeeSource {
-    File(std::path::PathBuf),
-    Command(String),
-}
 
 impl AppState {
     pub fn new(config: Option<GatewayConfig>, options: Options) -> Result<Arc<Self>, ConfigError> {
@@ -136,7 +137,11 @@ impl AppState {
             metrics: Metrics::default(),
             signer,
             records: Records::new(capacity, ttl),
-            tee: options.tee,
+            attestor: tee::Attestor::new(
+                options.tee,
+                options.gpu_evidence_command,
+                options.public_attestation_per_minute,
+            ),
             peers,
             log_level: options.log_level,
             slot_freed: Arc::new(tokio::sync::Notify::new()),

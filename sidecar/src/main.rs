@@ -43,9 +43,40 @@ struct ServeArgs {
         conflicts_with = "tee_quote_command"
     )]
     tee_quote_file: Option<PathBuf>,
-    /// Shell command printing a TEE quote; it gets the nonce in INFERGATE_NONCE.
-    #[arg(long, env = "INFERGATE_TEE_QUOTE_COMMAND")]
+    /// Shell command printing a TEE quote (hex, or JSON with `quote` and
+    /// `event_log`); it gets the 64 bytes of report data (signing address,
+    /// then nonce) in INFERGATE_REPORT_DATA, and the nonce in
+    /// INFERGATE_NONCE and INFERGATE_NONCE_HEX.
+    #[arg(
+        long,
+        env = "INFERGATE_TEE_QUOTE_COMMAND",
+        conflicts_with = "tee_configfs_tsm"
+    )]
     tee_quote_command: Option<String>,
+    /// Quotes from Linux configfs-tsm under this directory (TDX or SEV-SNP
+    /// guests: normally /sys/kernel/config/tsm/report).
+    #[arg(
+        long,
+        env = "INFERGATE_TEE_CONFIGFS_TSM",
+        conflicts_with = "tee_quote_file"
+    )]
+    tee_configfs_tsm: Option<PathBuf>,
+    /// Shell command printing NVIDIA GPU evidence for the nonce in
+    /// INFERGATE_NONCE_HEX (the payload `{"nonce","evidence_list","arch"}`
+    /// or just the evidence list); reported as `nvidia_payload`.
+    #[arg(long, env = "INFERGATE_GPU_EVIDENCE_COMMAND")]
+    gpu_evidence_command: Option<String>,
+    /// Serve /v1/attestation/report to callers without an API key (it holds
+    /// only public keys and quotes), at most --public-attestation-per-minute.
+    #[arg(long, env = "INFERGATE_PUBLIC_ATTESTATION")]
+    public_attestation: bool,
+    /// The shared budget of reports for callers without a key.
+    #[arg(
+        long,
+        env = "INFERGATE_PUBLIC_ATTESTATION_PER_MINUTE",
+        default_value_t = 60
+    )]
+    public_attestation_per_minute: u64,
     /// This sidecar's public URL as peers reach it (e.g. http://$POD_IP:8080):
     /// backends whose `sidecar` is this URL are served here, others are
     /// forwarded to their own sidecar.
@@ -123,15 +154,24 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
         (Some(e), Some(d)) => Some(Signer::from_files(e, d)?),
         _ => None,
     };
-    let tee = match (args.tee_quote_file, args.tee_quote_command) {
-        (Some(f), _) => Some(TeeSource::File(f)),
-        (None, Some(c)) => Some(TeeSource::Command(c)),
-        (None, None) => None,
+    let tee = match (
+        args.tee_quote_file,
+        args.tee_quote_command,
+        args.tee_configfs_tsm,
+    ) {
+        (Some(f), _, _) => Some(TeeSource::File(f)),
+        (None, Some(c), _) => Some(TeeSource::Command(c)),
+        (None, None, Some(root)) => Some(TeeSource::ConfigfsTsm(root)),
+        (None, None, None) => None,
     };
     let options = Options {
         admin_token,
         signer,
         tee,
+        gpu_evidence_command: args.gpu_evidence_command,
+        public_attestation_per_minute: args
+            .public_attestation
+            .then_some(args.public_attestation_per_minute),
         self_url: args.self_url,
         peer_secret,
         usage: args.usage_log,

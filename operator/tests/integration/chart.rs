@@ -461,3 +461,5 @@ fn watching_named_namespaces_needs_no_cluster_role() {
     let args = pod_spec(op).containers[0].args.clone().unwrap();
     assert!(args.contains(&"--watch-namespaces=team-a,team-b".to_owned()));
 }
+
+mod tee;

@@ -215,6 +215,56 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Each of `peers`' own attestation entry for the report at `path`
+    /// (asked as signed hops, all at once): the entry, `None` where that
+    /// peer does not hold the key the path names (a 404), or why it could
+    /// not answer. A hop is answered with the peer's own entry only, so the
+    /// report never fans out twice.
+    pub async fn attestations(
+        &self,
+        peers: &[&str],
+        path: &str,
+        client_headers: &HeaderMap,
+    ) -> Vec<(String, Result<Option<serde_json::Value>, String>)> {
+        if !self.enabled() {
+            let why = "this sidecar has no peer secret to ask it with";
+            return peers
+                .iter()
+                .map(|p| ((*p).to_owned(), Err(why.to_owned())))
+                .collect();
+        }
+        let headers = self.hop_headers(client_headers, &Method::GET, path, &EMPTY_SHA256, None);
+        let asks = peers.iter().map(|p| {
+            // Quote and GPU evidence hooks may each take a while.
+            let req = self
+                .client
+                .get(format!("{p}{path}"))
+                .headers(headers.clone())
+                .timeout(Duration::from_secs(100))
+                .send();
+            async move {
+                let answer = match req.await {
+                    Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => Ok(None),
+                    Ok(resp) if resp.status() == reqwest::StatusCode::OK => {
+                        match resp.json::<serde_json::Value>().await {
+                            Ok(v) if v.get("signing_address").is_some_and(|a| a.is_string()) => {
+                                Ok(Some(v))
+                            }
+                            _ => Err("the peer's answer is not an attestation".to_owned()),
+                        }
+                    }
+                    Ok(resp) => Err(format!("the peer answered {}", resp.status().as_u16())),
+                    Err(e) if e.is_timeout() => Err("the peer did not answer in time".to_owned()),
+                    Err(_) => Err("the peer could not be reached".to_owned()),
+                };
+                ((*p).to_owned(), answer)
+            }
+        });
+        futures_util::future::join_all(asks).await
+    }
+}
+
 /// Who produced a response: a backend, and the sidecar next to it when that
 /// is another one.
 #[derive(Debug, Clone, PartialEq, Eq)]

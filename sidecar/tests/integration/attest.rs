@@ -109,4 +109,20 @@ async fn report_carries_the_tee_quote_from_a_command_with_the_nonce() {
     assert_eq!(report["nonce"], "abc-123");
     let (status, _) = get(&gw, KEY, "/v1/attestation/report?nonce=a%20b").await;
     assert_eq!(status, 400);
+    // The command also gets the report data it must bind: the signing
+    // address padded to 32 bytes, then the nonce's 32 bytes.
+    let options = Options {
+        tee: Some(TeeSource::Command(
+            "echo \"$INFERGATE_REPORT_DATA/$INFERGATE_NONCE_HEX\"".into(),
+        )),
+        ..Options::default()
+    };
+    let gw = gateway_with(config(&[&sim.url], "", ""), options).await;
+    let nonce = "ab".repeat(32);
+    let path = format!("/v1/attestation/report?nonce={nonce}&signing_algo=ed25519");
+    let (status, report) = get(&gw, KEY, &path).await;
+    assert_eq!(status, 200);
+    let expected = format!("{}{nonce}/{nonce}", gw.state.signer.ed25519_public);
+    assert_eq!(report["intel_quote"], expected.as_str());
+    assert_eq!(report["tee"]["source"], "command");
 }

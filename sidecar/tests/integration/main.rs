@@ -11,6 +11,7 @@ mod faults;
 mod isolation;
 mod limits;
 mod metrics;
+mod near_report;
 mod properties;
 mod proxy;
 mod routing;
