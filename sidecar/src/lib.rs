@@ -29,6 +29,7 @@ pub mod proxy;
 pub mod quota;
 pub mod reload;
 pub mod report;
+mod respond;
 pub mod responses;
 pub mod serve;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -36,6 +37,7 @@ pub mod sse;
 pub mod stream;
 pub mod table;
 pub mod tee;
+mod upstream;
 pub mod usage;
 pub mod usage_chunk;
 pub mod validate;

@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response};
-use bytes::Bytes;
-use futures_util::StreamExt;
+use axum::http::{header, HeaderMap, Method, Response};
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
@@ -24,14 +22,12 @@ use crate::error::ApiError;
 use crate::exchange::{Exchange, Slot};
 use crate::metrics::ErrorLabels;
 use crate::peers::{self, Reach};
-use crate::sse;
-use crate::stream::{error_kind, End, EndCause, Observed, OnEnd};
-use crate::table::{now_ms, now_ns, Backend, KeyEntry, Route, RouteTarget, Table};
+use crate::respond::respond;
+use crate::table::{now_ms, now_ns, Backend, KeyEntry, Route, Table};
+use crate::upstream::{send, Deadline, Failure};
 use crate::validate::{self, Endpoint, Parsed};
 use crate::AppState;
 
-/// Largest non-streamed upstream body the gateway will hold.
-const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 const MAX_ATTEMPTS: usize = 3;
 /// Tokens reserved for an answer whose request sets no `max_tokens`.
 const DEFAULT_ANSWER_TOKENS: u64 = 256;
@@ -401,244 +397,6 @@ fn count(state: &AppState, backend: &Backend, kind: &'static str) {
             kind,
         })
         .inc();
-}
-
-/// How a request to a backend failed, by what it means for a retry.
-enum Failure {
-    /// No connection was made: the upstream never saw the request.
-    NotStarted(&'static str, ApiError),
-    /// The request was sent, then the connection failed.
-    MayHaveStarted(&'static str, ApiError),
-    /// The deadline passed while the upstream may still be working on it.
-    Slow(&'static str, ApiError),
-}
-
-/// How long to wait for the response headers: streams send them at once,
-/// non-streamed answers only when the whole generation is done.
-#[derive(Clone, Copy)]
-enum Deadline {
-    FirstByte(u64),
-    Total(u64),
-}
-
-async fn send(
-    target: &RouteTarget,
-    via: Option<&str>,
-    endpoint: Endpoint,
-    client_headers: &HeaderMap,
-    hop_headers: Option<HeaderMap>,
-    body: Bytes,
-    deadline: Deadline,
-) -> Result<reqwest::Response, Failure> {
-    let backend = &target.backend;
-    let mut headers = HeaderMap::with_capacity(client_headers.len() + 3);
-    for (name, value) in client_headers {
-        if forwardable(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    // JSON, or the client's own multipart type (its boundary is in it).
-    let content_type = match client_headers.get(header::CONTENT_TYPE) {
-        Some(form) if endpoint.form() => form.clone(),
-        _ => HeaderValue::from_static("application/json"),
-    };
-    headers.insert(header::CONTENT_TYPE, content_type);
-    let base = match (via, hop_headers) {
-        (Some(peer), Some(hop)) => {
-            headers.extend(hop);
-            peer
-        }
-        _ => {
-            if let Some(key) = &backend.api_key {
-                headers.insert(header::AUTHORIZATION, key.clone());
-            }
-            &backend.url
-        }
-    };
-    let request = backend
-        .client()
-        .post(format!("{base}{}", endpoint.path()))
-        .headers(headers)
-        .body(body)
-        .send();
-    let (ms, kind, what) = match deadline {
-        Deadline::FirstByte(ms) => (ms, "first_byte_timeout", "waiting for the first byte"),
-        Deadline::Total(ms) => (ms, "total_timeout", "waiting for the answer"),
-    };
-    let answer = if ms == 0 {
-        Ok(request.await)
-    } else {
-        tokio::time::timeout(Duration::from_millis(ms), request).await
-    };
-    match answer {
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) if e.is_connect() => Err(Failure::NotStarted(
-            if e.is_timeout() {
-                "connect_timeout"
-            } else {
-                "connect"
-            },
-            ApiError::Upstream(format!(
-                "backend {} unreachable ({})",
-                backend.id,
-                error_kind(&e)
-            )),
-        )),
-        Ok(Err(e)) => Err(Failure::MayHaveStarted(
-            "transport",
-            ApiError::Upstream(format!(
-                "backend {} failed before answering ({})",
-                backend.id,
-                error_kind(&e)
-            )),
-        )),
-        Err(_) => Err(Failure::Slow(kind, ApiError::UpstreamTimeout(what))),
-    }
-}
-
-/// Client headers worth passing on: not hop-by-hop, not the client's key,
-/// not framing that the new request recomputes.
-fn forwardable(name: &HeaderName) -> bool {
-    !name.as_str().starts_with("x-infergate-")
-        && !matches!(
-            name.as_str(),
-            // vLLM names answers after x-request-id (the gateway keeps state
-            // and signatures by that name) and routes by the rank.
-            "x-request-id" | "x-data-parallel-rank"
-        )
-        && !matches!(
-            name.as_str(),
-            "authorization"
-                | "host"
-                | "content-length"
-                | "content-type"
-                | "connection"
-                | "keep-alive"
-                | "transfer-encoding"
-                | "te"
-                | "trailer"
-                | "upgrade"
-                | "expect"
-                | "proxy-authorization"
-                | "proxy-connection"
-                | "accept-encoding"
-        )
-}
-
-/// Upstream answer headers a client sees: what describes the body and how
-/// to retry, nothing that identifies the upstream (`server`, simulator or
-/// backend-internal headers).
-fn response_header_passes(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "content-type" | "cache-control" | "retry-after" | "x-accel-buffering"
-    )
-}
-
-/// `strip`: the usage event the client did not ask for is left out of the
-/// hash, and also of the bytes passed on when `Some(true)`.
-async fn respond(
-    resp: reqwest::Response,
-    exchange: Exchange,
-    strip: Option<bool>,
-    max_bytes: u64,
-) -> Result<Response<Body>, ApiError> {
-    let mut headers = HeaderMap::with_capacity(4);
-    for (name, value) in resp.headers() {
-        if response_header_passes(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(exchange.backend.id.as_str()) {
-        headers.insert(HeaderName::from_static("x-infergate-backend"), v);
-    }
-    // `charge` is false exactly on a hop served here for a peer.
-    let (for_peer, via_peer) = (!exchange.charge, exchange.via.is_some());
-    crate::load_peer::on_answer(
-        &exchange.backend,
-        for_peer,
-        via_peer,
-        resp.headers(),
-        &mut headers,
-    );
-    if let Ok(v) = HeaderValue::from_str(&exchange.request_id) {
-        headers.insert(HeaderName::from_static("x-request-id"), v);
-    }
-    let status = resp.status();
-    let timeouts = exchange.backend.timeouts;
-    let idle = Duration::from_millis(timeouts.idle_ms);
-    let is_sse = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let body = if is_sse {
-        let first_byte = Duration::from_millis(timeouts.first_byte_ms);
-        let observed = Observed::new(Box::pin(resp.bytes_stream()), first_byte, idle, exchange)
-            .with_max_bytes(max_bytes);
-        Body::from_stream(match strip {
-            Some(passed) => observed.with_usage_stripped(passed),
-            None => observed,
-        })
-    } else {
-        let bytes = collect(resp, idle, max_bytes, &exchange).await?;
-        exchange.on_end(End {
-            cause: EndCause::Completed,
-            response_sha256: Sha256::digest(&bytes).into(),
-            bytes: bytes.len() as u64,
-            frames: 1,
-            events: 0,
-            scan: sse::scan_json(&bytes),
-            first_chunk: None,
-            last_chunk: None,
-        });
-        Body::from(bytes)
-    };
-    let mut out = Response::new(body);
-    *out.status_mut() = status;
-    *out.headers_mut() = headers;
-    Ok(out)
-}
-
-/// A non-streamed body, each chunk within the idle deadline, size bounded.
-async fn collect(
-    resp: reqwest::Response,
-    idle: Duration,
-    max_bytes: u64,
-    exchange: &Exchange,
-) -> Result<Bytes, ApiError> {
-    let max_bytes = max_bytes.min(MAX_UPSTREAM_BODY as u64) as usize;
-    let capacity = resp.content_length().unwrap_or(0).min(max_bytes as u64) as usize;
-    let mut out = Vec::with_capacity(capacity);
-    let mut stream = resp.bytes_stream();
-    loop {
-        let count = |kind| exchange.count_upstream_error(kind);
-        match tokio::time::timeout(idle, stream.next()).await {
-            Ok(None) => return Ok(Bytes::from(out)),
-            Ok(Some(Ok(chunk))) => {
-                if out.len() + chunk.len() > max_bytes {
-                    count("too_large");
-                    return Err(ApiError::Upstream(
-                        "backend answer exceeds the size bound".into(),
-                    ));
-                }
-                out.extend_from_slice(&chunk);
-            }
-            Ok(Some(Err(e))) => {
-                count("body");
-                return Err(ApiError::Upstream(format!(
-                    "backend connection failed mid-body ({})",
-                    error_kind(&e)
-                )));
-            }
-            Err(_) => {
-                count("idle_timeout");
-                return Err(ApiError::UpstreamTimeout(
-                    "waiting for the rest of the body",
-                ));
-            }
-        }
-    }
 }
 
 /// A short id for logs and the `x-request-id` header: a per-process random
