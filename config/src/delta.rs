@@ -197,6 +197,7 @@ mod tests {
                     models: vec!["*".into()],
                     admin: false,
                     limits: None,
+                    cluster_limits: None,
                 })
                 .collect(),
             backends: backends

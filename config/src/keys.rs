@@ -19,9 +19,14 @@ pub struct ApiKey {
     /// May read every signature and every record, not only its own.
     #[serde(default)]
     pub admin: bool,
-    /// Per-key quotas; absent means unlimited.
+    /// Per-key quotas (this sidecar's share); absent means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<KeyLimits>,
+    /// The key's whole limits, for sidecars that share a quota store
+    /// (`--quota-redis`): they enforce these together and fall back to
+    /// `limits` when the store does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_limits: Option<KeyLimits>,
 }
 
 /// Quotas for one key. Zero means no limit for that dimension.

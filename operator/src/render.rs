@@ -199,6 +199,9 @@ pub fn render(inputs: &Inputs) -> Result<Rendered, ConfigError> {
                 .limits
                 .get(id)
                 .map(|l| sidecar_share(*l, inputs.sidecars)),
+            // Sidecars with a shared quota store enforce the whole limit
+            // together; the share above is what each falls back to.
+            cluster_limits: inputs.limits.get(id).copied(),
         })
         .collect();
 

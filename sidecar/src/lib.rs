@@ -67,6 +67,8 @@ pub struct AppState {
     pub attestor: tee::Attestor,
     /// The other sidecars: forwarding to them, asking them.
     pub peers: Peers,
+    /// The quota store sidecars share, when keys' limits are cluster-wide.
+    pub cluster: Option<Arc<quota::Cluster>>,
     /// Where usage records go, if anywhere.
     pub usage: Option<usage::UsageLog>,
     /// Signalled when a backend slot frees up, for requests queued on a
@@ -102,6 +104,9 @@ pub struct Options {
     /// Shared by every sidecar of a deployment; authenticates hops between
     /// them. Without it this sidecar neither makes nor accepts hops.
     pub peer_secret: Option<Vec<u8>>,
+    /// A Redis (`host:port` or `unix:/path`) that holds keys' limits for
+    /// every sidecar (`ApiKey::cluster_limits`).
+    pub quota_redis: Option<String>,
     /// Usage records (JSON lines); needs a running tokio runtime.
     pub usage: Option<usage::Sink>,
     /// Changes the log filter at run time (`PUT /admin/v1/log-level`).
@@ -134,9 +139,15 @@ impl AppState {
             Owners::new(capacity, ttl),
         )
         .map_err(|e| ConfigError::Invalid(format!("HTTP client: {e}")))?;
+        let metrics = Metrics::default();
+        let cluster = options
+            .quota_redis
+            .as_deref()
+            .map(|addr| Arc::new(quota::Cluster::new(addr, metrics.quota_fallbacks.clone())));
         let state = AppState {
             table: ArcSwap::from_pointee(Table::empty()),
-            metrics: Metrics::default(),
+            metrics,
+            cluster,
             signer,
             records: Records::new(capacity, ttl),
             attestor: tee::Attestor::new(

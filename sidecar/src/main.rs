@@ -87,6 +87,11 @@ struct ServeArgs {
     /// this sidecar neither forwards to peers nor accepts their requests.
     #[arg(long, env = "INFERGATE_PEER_SECRET_FILE")]
     peer_secret_file: Option<PathBuf>,
+    /// Redis (`host:port` or `unix:/path`) shared by every sidecar: keys'
+    /// request and token limits hold across replicas (each falls back to
+    /// its share while the store does not answer).
+    #[arg(long, env = "INFERGATE_QUOTA_REDIS")]
+    quota_redis: Option<String>,
     /// Usage records as JSON lines: `stdout` or a file path.
     #[arg(long, env = "INFERGATE_USAGE_LOG")]
     usage_log: Option<infergate_sidecar::usage::Sink>,
@@ -175,6 +180,7 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
         self_url: args.self_url,
         peer_secret,
         usage: args.usage_log,
+        quota_redis: args.quota_redis,
         log_level: Some(log_level),
         ..Options::default()
     };

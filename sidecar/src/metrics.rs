@@ -81,6 +81,7 @@ pub struct Metrics {
     pub prompt_tokens: Family<TokenLabels, Counter>,
     pub completion_tokens: Family<TokenLabels, Counter>,
     pub usage_dropped: Counter,
+    pub quota_fallbacks: Counter,
 }
 
 type HistogramFactory = fn() -> Histogram;
@@ -118,6 +119,7 @@ impl Default for Metrics {
             prompt_tokens: Family::default(),
             completion_tokens: Family::default(),
             usage_dropped: Counter::default(),
+            quota_fallbacks: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,6 +197,11 @@ impl Default for Metrics {
             "usage_records_dropped",
             "Usage records dropped because the sink fell behind",
             m.usage_dropped.clone(),
+        );
+        registry.register(
+            "quota_fallbacks",
+            "Quota decisions made on the local share because the cluster quota store did not answer",
+            m.quota_fallbacks.clone(),
         );
         Metrics { registry, ..m }
     }

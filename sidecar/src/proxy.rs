@@ -50,7 +50,10 @@ pub async fn forward(
         .verify(&headers, &Method::POST, endpoint.path())?;
     // Quotas before the body is read: a refused request costs no more.
     let mut key_slot = match key.quota.as_ref().filter(|_| hop.is_none()) {
-        Some(q) => q.admit(now_ns()).map_err(ApiError::RateLimited)?,
+        Some(q) => q
+            .admit(now_ns(), state.cluster.as_deref())
+            .await
+            .map_err(ApiError::RateLimited)?,
         None => None,
     };
     let limit = table.limits.max_body_bytes;
@@ -93,8 +96,13 @@ pub async fn forward(
         Some(q) if endpoint.generates() => {
             let answer = parsed.max_tokens.unwrap_or(DEFAULT_ANSWER_TOKENS);
             let prompt = (body.len() as u64).div_ceil(4);
-            q.reserve_tokens(now_ns(), prompt.saturating_add(answer))
-                .map_err(ApiError::RateLimited)?
+            q.reserve_tokens(
+                now_ns(),
+                prompt.saturating_add(answer),
+                state.cluster.as_ref(),
+            )
+            .await
+            .map_err(ApiError::RateLimited)?
         }
         _ => None,
     };

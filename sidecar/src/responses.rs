@@ -67,7 +67,8 @@ async fn by_id(
     // counted by the sidecar the client reached).
     let _key_slot = match key.quota.as_ref().filter(|_| !hop) {
         Some(q) => q
-            .admit(crate::table::now_ns())
+            .admit(crate::table::now_ns(), s.cluster.as_deref())
+            .await
             .map_err(ApiError::RateLimited)?,
         None => None,
     };

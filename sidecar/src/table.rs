@@ -325,8 +325,10 @@ fn build_keys(
                 all_models,
                 models: allowed,
                 quota: k.limits.map(|limits| match old_quotas.get(k.id.as_str()) {
-                    Some(q) if q.limits == limits => Arc::clone(q),
-                    _ => Arc::new(KeyQuota::new(limits)),
+                    Some(q) if q.limits == limits && q.cluster_limits == k.cluster_limits => {
+                        Arc::clone(q)
+                    }
+                    _ => Arc::new(KeyQuota::new(k.id.as_str(), limits, k.cluster_limits)),
                 }),
             }),
         );

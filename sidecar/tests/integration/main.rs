@@ -7,6 +7,7 @@ mod common;
 
 mod async_openai;
 mod attest;
+mod cluster_quota;
 mod faults;
 mod isolation;
 mod limits;

@@ -8,6 +8,12 @@ use std::time::Duration;
 
 use crate::config::KeyLimits;
 
+mod cluster;
+mod redis;
+
+pub use cluster::Cluster;
+use cluster::{Lease, Taken};
+
 const MINUTE_NS: u64 = 60_000_000_000;
 
 /// GCRA with a one-minute burst: `rate` units per minute, at most a
@@ -78,10 +84,18 @@ impl Gcra {
 }
 
 pub struct KeyQuota {
+    /// This sidecar's share of the key's limits.
     pub limits: KeyLimits,
+    /// The key's whole limits, enforced across sidecars when they share a
+    /// quota store (`Cluster`); the share applies when the store is down.
+    pub cluster_limits: Option<KeyLimits>,
     requests: Option<Gcra>,
     tokens: Option<Gcra>,
     in_flight: AtomicU32,
+    requests_key: String,
+    tokens_key: String,
+    requests_lease: Lease,
+    tokens_lease: Lease,
 }
 
 /// Which quota said no, and when to come back.
@@ -92,9 +106,14 @@ pub struct Exceeded {
 }
 
 impl KeyQuota {
-    pub fn new(limits: KeyLimits) -> KeyQuota {
+    pub fn new(key_id: &str, limits: KeyLimits, cluster_limits: Option<KeyLimits>) -> KeyQuota {
         KeyQuota {
             limits,
+            cluster_limits,
+            requests_key: format!("infergate:quota:{key_id}:requests"),
+            tokens_key: format!("infergate:quota:{key_id}:tokens"),
+            requests_lease: Lease::default(),
+            tokens_lease: Lease::default(),
             requests: (limits.requests_per_minute > 0)
                 .then(|| Gcra::per_minute(limits.requests_per_minute as u64)),
             tokens: (limits.tokens_per_minute > 0)
@@ -104,8 +123,16 @@ impl KeyQuota {
     }
 
     /// Admit one request: a concurrency slot, a request, and tokens left.
-    pub fn admit(self: &Arc<Self>, now_ns: u64) -> Result<Option<KeySlot>, Exceeded> {
-        if let Some(tokens) = &self.tokens {
+    /// With a cluster store the request is counted there (the concurrency
+    /// slot is always this sidecar's).
+    pub async fn admit(
+        self: &Arc<Self>,
+        now_ns: u64,
+        cluster: Option<&Cluster>,
+    ) -> Result<Option<KeySlot>, Exceeded> {
+        let cluster = cluster.zip(self.cluster_limits);
+        if let (Some(tokens), None) = (&self.tokens, cluster) {
+            // (Cluster-wide tokens are reserved per request instead.)
             tokens.check(now_ns).map_err(|retry_after| Exceeded {
                 what: "tokens",
                 retry_after,
@@ -126,11 +153,30 @@ impl KeyQuota {
             }
         };
         if let Some(requests) = &self.requests {
-            // On refusal the slot above is dropped, and so released.
-            requests.take(now_ns, 1).map_err(|retry_after| Exceeded {
+            let refused = |retry_after| Exceeded {
                 what: "requests",
                 retry_after,
-            })?;
+            };
+            // On refusal the slot above is dropped, and so released.
+            let taken = match cluster {
+                Some((c, l)) => {
+                    let now_ms = now_ns / 1_000_000;
+                    c.take(
+                        &self.requests_key,
+                        &self.requests_lease,
+                        l.requests_per_minute as u64,
+                        1,
+                        now_ms,
+                    )
+                    .await
+                }
+                None => Taken::Unavailable,
+            };
+            match taken {
+                Taken::Yes => {}
+                Taken::No(wait) => return Err(refused(wait)),
+                Taken::Unavailable => requests.take(now_ns, 1).map_err(refused)?,
+            }
         }
         Ok(slot)
     }
@@ -141,24 +187,51 @@ impl KeyQuota {
     /// reservation is settled against what was used when the answer ends,
     /// and given back whole if it never starts. At most a minute's worth is
     /// reserved, so any one request can be admitted with a full budget.
-    pub fn reserve_tokens(
+    pub async fn reserve_tokens(
         self: &Arc<Self>,
         now_ns: u64,
         tokens: u64,
+        cluster: Option<&Arc<Cluster>>,
     ) -> Result<Option<TokenReservation>, Exceeded> {
         let Some(bucket) = &self.tokens else {
             return Ok(None);
         };
+        let refused = |retry_after| Exceeded {
+            what: "tokens",
+            retry_after,
+        };
+        if let Some((c, l)) = cluster.zip(self.cluster_limits) {
+            let per_minute = l.tokens_per_minute;
+            let cost = tokens.clamp(1, per_minute.max(1));
+            let now_ms = now_ns / 1_000_000;
+            match c
+                .take(
+                    &self.tokens_key,
+                    &self.tokens_lease,
+                    per_minute,
+                    cost,
+                    now_ms,
+                )
+                .await
+            {
+                Taken::Yes => {
+                    return Ok(Some(TokenReservation {
+                        quota: self.clone(),
+                        tokens: cost,
+                        cluster: Some(c.clone()),
+                        settled: false,
+                    }))
+                }
+                Taken::No(wait) => return Err(refused(wait)),
+                Taken::Unavailable => {}
+            }
+        }
         let tokens = tokens.clamp(1, self.limits.tokens_per_minute);
-        bucket
-            .take(now_ns, tokens)
-            .map_err(|retry_after| Exceeded {
-                what: "tokens",
-                retry_after,
-            })?;
+        bucket.take(now_ns, tokens).map_err(refused)?;
         Ok(Some(TokenReservation {
             quota: self.clone(),
             tokens,
+            cluster: None,
             settled: false,
         }))
     }
@@ -179,6 +252,8 @@ impl KeyQuota {
 pub struct TokenReservation {
     quota: Arc<KeyQuota>,
     tokens: u64,
+    /// Taken from the cluster store (through this sidecar's lease).
+    cluster: Option<Arc<Cluster>>,
     settled: bool,
 }
 
@@ -187,11 +262,24 @@ impl TokenReservation {
     /// cover, give back what it covered in excess.
     pub fn settle(mut self, now_ns: u64, used: u64) {
         self.settled = true;
-        if let Some(bucket) = &self.quota.tokens {
-            if used > self.tokens {
-                bucket.charge(now_ns, used - self.tokens);
-            } else {
-                bucket.refund(self.tokens - used);
+        let q = &self.quota;
+        match (&self.cluster, q.cluster_limits) {
+            (Some(c), Some(l)) if used > self.tokens => {
+                let (c, key, extra) = (c.clone(), q.tokens_key.clone(), used - self.tokens);
+                // Off the response path: the answer has ended already.
+                tokio::spawn(async move { c.charge(&key, l.tokens_per_minute, extra).await });
+            }
+            (Some(_), _) => q
+                .tokens_lease
+                .give_back(now_ns / 1_000_000, self.tokens - used.min(self.tokens)),
+            (None, _) => {
+                if let Some(bucket) = &q.tokens {
+                    if used > self.tokens {
+                        bucket.charge(now_ns, used - self.tokens);
+                    } else {
+                        bucket.refund(self.tokens - used);
+                    }
+                }
             }
         }
     }
@@ -199,10 +287,16 @@ impl TokenReservation {
 
 impl Drop for TokenReservation {
     fn drop(&mut self) {
-        if !self.settled {
-            if let Some(bucket) = &self.quota.tokens {
-                bucket.refund(self.tokens);
-            }
+        if self.settled {
+            return;
+        }
+        match (&self.cluster, &self.quota.tokens) {
+            (Some(_), _) => self
+                .quota
+                .tokens_lease
+                .give_back(crate::table::now_ns() / 1_000_000, self.tokens),
+            (None, Some(bucket)) => bucket.refund(self.tokens),
+            (None, None) => {}
         }
     }
 }
@@ -241,63 +335,82 @@ mod tests {
         g.take(t0 + SEC, 1).unwrap();
     }
 
-    #[test]
-    fn token_budget_goes_into_debt_and_recovers() {
-        let q = Arc::new(KeyQuota::new(KeyLimits {
-            tokens_per_minute: 600,
-            ..Default::default()
-        }));
+    #[tokio::test]
+    async fn token_budget_goes_into_debt_and_recovers() {
+        let q = Arc::new(KeyQuota::new(
+            "k",
+            KeyLimits {
+                tokens_per_minute: 600,
+                ..Default::default()
+            },
+            None,
+        ));
         let t0 = 1000 * SEC;
-        q.admit(t0).unwrap();
+        q.admit(t0, None).await.unwrap();
         q.charge_tokens(t0, 1200); // two minutes' worth
-        let e = q.admit(t0).unwrap_err();
+        let e = q.admit(t0, None).await.unwrap_err();
         assert_eq!(e.what, "tokens");
         assert_eq!(e.retry_after, Duration::from_secs(60));
-        assert!(q.admit(t0 + 60 * SEC).is_ok());
+        assert!(q.admit(t0 + 60 * SEC, None).await.is_ok());
     }
 
-    #[test]
-    fn reservations_hold_back_concurrent_requests_and_settle_to_what_was_used() {
-        let q = Arc::new(KeyQuota::new(KeyLimits {
-            tokens_per_minute: 1000,
-            ..Default::default()
-        }));
+    #[tokio::test]
+    async fn reservations_hold_back_concurrent_requests_and_settle_to_what_was_used() {
+        let q = Arc::new(KeyQuota::new(
+            "k",
+            KeyLimits {
+                tokens_per_minute: 1000,
+                ..Default::default()
+            },
+            None,
+        ));
         let t0 = 1000 * SEC;
-        q.admit(t0).unwrap();
-        let a = q.reserve_tokens(t0, 400).unwrap().unwrap();
-        let b = q.reserve_tokens(t0, 400).unwrap().unwrap();
+        q.admit(t0, None).await.unwrap();
+        let a = q.reserve_tokens(t0, 400, None).await.unwrap().unwrap();
+        let b = q.reserve_tokens(t0, 400, None).await.unwrap().unwrap();
         // Two long streams in flight hold 800: a third cannot take 400.
-        let e = q.reserve_tokens(t0, 400).err().unwrap();
+        let e = q.reserve_tokens(t0, 400, None).await.err().unwrap();
         assert_eq!(e.what, "tokens");
         // One used only 100: 300 come back, and the third fits.
         a.settle(t0, 100);
-        let c = q.reserve_tokens(t0, 400).unwrap().unwrap();
+        let c = q.reserve_tokens(t0, 400, None).await.unwrap().unwrap();
         // A request that never reached the upstream gives back all of it.
         drop(c);
         drop(b);
-        assert!(q.reserve_tokens(t0, 900).unwrap().is_some());
+        assert!(q.reserve_tokens(t0, 900, None).await.unwrap().is_some());
         // More than a minute's worth is capped so it can be admitted at all.
-        let q = Arc::new(KeyQuota::new(KeyLimits {
-            tokens_per_minute: 10,
-            ..Default::default()
-        }));
-        assert!(q.reserve_tokens(t0, 5000).unwrap().is_some());
+        let q = Arc::new(KeyQuota::new(
+            "k",
+            KeyLimits {
+                tokens_per_minute: 10,
+                ..Default::default()
+            },
+            None,
+        ));
+        assert!(q.reserve_tokens(t0, 5000, None).await.unwrap().is_some());
     }
 
-    #[test]
-    fn concurrency_slots_are_released_on_drop_even_when_refused_later() {
-        let q = Arc::new(KeyQuota::new(KeyLimits {
-            concurrent_requests: 2,
-            requests_per_minute: 3,
-            ..Default::default()
-        }));
-        let a = q.admit(0).unwrap();
-        let b = q.admit(0).unwrap();
-        assert_eq!(q.admit(0).unwrap_err().what, "concurrent_requests");
+    #[tokio::test]
+    async fn concurrency_slots_are_released_on_drop_even_when_refused_later() {
+        let q = Arc::new(KeyQuota::new(
+            "k",
+            KeyLimits {
+                concurrent_requests: 2,
+                requests_per_minute: 3,
+                ..Default::default()
+            },
+            None,
+        ));
+        let a = q.admit(0, None).await.unwrap();
+        let b = q.admit(0, None).await.unwrap();
+        assert_eq!(
+            q.admit(0, None).await.unwrap_err().what,
+            "concurrent_requests"
+        );
         drop(a);
-        let c = q.admit(0).unwrap();
+        let c = q.admit(0, None).await.unwrap();
         drop((b, c));
-        assert_eq!(q.admit(0).unwrap_err().what, "requests");
+        assert_eq!(q.admit(0, None).await.unwrap_err().what, "requests");
         assert_eq!(q.in_flight(), 0);
     }
 }
