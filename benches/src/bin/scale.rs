@@ -89,19 +89,27 @@ fn kb(n: usize) -> String {
     }
 }
 
-fn grid(out: &mut String) {
+/// One grid point, for the plot.
+struct Point {
+    label: String,
+    config_bytes: usize,
+    delta_bytes: usize,
+    apply_whole: Duration,
+    apply_delta: Duration,
+}
+
+fn grid(out: &mut String) -> Vec<Point> {
+    let mut points = Vec::new();
     out.push_str(
         "| routes x pods x keys | render | config JSON | serialise | sidecar apply (whole) | revocation delta | sidecar apply (delta) |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (routes, pods, keys) in [
-        (10, 10, 100),
-        (100, 100, 100),
-        (1000, 10, 100),
-        (100, 1000, 100),
-        (1000, 1000, 100),
-        (1000, 1000, 10_000),
-    ] {
+    let sizes = [10, 100, 1000];
+    let cells = sizes
+        .iter()
+        .flat_map(|r| sizes.iter().map(move |p| (*r, *p)))
+        .flat_map(|(r, p)| [100, 10_000].map(|k| (r, p, k)));
+    for (routes, pods, keys) in cells {
         let mut i = inputs(routes, pods, keys);
         let (t_render, before) = time(5, || render(&i).expect("valid"));
         let (t_ser, full) = time(5, || serde_json::to_vec(&before.config).expect("json"));
@@ -126,8 +134,65 @@ fn grid(out: &mut String) {
             delta_bytes,
             ms(t_delta)
         ));
+        points.push(Point {
+            label: format!("{routes} x {pods} x {keys}"),
+            config_bytes: full.len(),
+            delta_bytes,
+            apply_whole: t_apply,
+            apply_delta: t_delta,
+        });
         eprintln!("grid {routes}x{pods}x{keys} done");
     }
+    points
+}
+
+/// Bars on a log scale: the whole config against the revocation delta
+/// (bytes), and a sidecar's apply of each (ms), per grid point.
+fn svg(points: &[Point]) -> String {
+    let (row, left, width) = (16.0, 150.0, 300.0);
+    let height = 40.0 + row * 2.0 * points.len() as f64;
+    let log_x = |v: f64, max: f64| (v.max(1.0).ln() / max.ln()) * width;
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{height}' font-family='sans-serif' font-size='10'>",
+        left * 2.0 + width * 2.0 + 20.0
+    );
+    s.push_str(&format!(
+        "<text x='{left}' y='12'>bytes per change (log): whole config (blue) vs one-key revocation delta (orange)</text>\
+         <text x='{}' y='12'>sidecar apply, us (log): whole (blue) vs delta (orange)</text>",
+        left * 2.0 + width
+    ));
+    for (i, p) in points.iter().enumerate() {
+        let y = 24.0 + row * 2.0 * i as f64;
+        s.push_str(&format!("<text x='4' y='{}'>{}</text>", y + 12.0, p.label));
+        for (j, (v, max, x0, color)) in [
+            (p.config_bytes as f64, 1e8, left, "#4e79a7"),
+            (p.delta_bytes as f64, 1e8, left, "#f28e2b"),
+            (
+                p.apply_whole.as_secs_f64() * 1e6,
+                1e6,
+                left * 2.0 + width,
+                "#4e79a7",
+            ),
+            (
+                p.apply_delta.as_secs_f64() * 1e6,
+                1e6,
+                left * 2.0 + width,
+                "#f28e2b",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let yy = y + if j % 2 == 0 { 0.0 } else { row * 0.8 };
+            s.push_str(&format!(
+                "<rect x='{x0}' y='{yy}' width='{:.1}' height='{:.1}' fill='{color}'/>",
+                log_x(v, max),
+                row * 0.7
+            ));
+        }
+    }
+    s.push_str("</svg>");
+    s
 }
 
 async fn start_sidecar() -> (Arc<AppState>, String) {
@@ -223,7 +288,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     let mut out = String::from("## Config size and apply cost\n\n");
-    grid(&mut out);
+    let points = grid(&mut out);
     out.push_str(
         "\n## Key revocation\n\n\
          | sidecars | routes x pods x keys | first push (whole config) | revoke one key: render to last sidecar refusing | sent | refusing |\n\
@@ -234,4 +299,5 @@ async fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("scale.md"), &out);
+    let _ = std::fs::write(dir.join("scale.svg"), svg(&points));
 }

@@ -403,3 +403,73 @@ async fn a_term_that_ran_out_fences_every_write() {
     assert!(matches!(err, Error::NotLeader), "{err}");
     assert_eq!(writes(&log), vec![]);
 }
+
+/// The stores of `stores`, with the key limited to `rpm` a minute and one
+/// running sidecar pod per admin port.
+fn stores_with_pods(admin_ports: &[u16], rpm: u32) -> Stores {
+    let mut stores = stores(admin_ports[0], vec![route("good", "p", None)], None);
+    stores.secrets = store::<Secret>(vec![json!({
+        "metadata": {"name": "team", "namespace": "ai", "labels": {"infergate.dev/api-key": ""},
+            "annotations": {"infergate.dev/requests-per-minute": rpm.to_string()}},
+        "data": {"key": "aWctdGVhbS1rZXktMDAwMDAwMDAwMA=="},
+    })]);
+    stores.pods = store::<Pod>(
+        admin_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                json!({
+                    "metadata": {"name": format!("sidecar-{i}"), "namespace": "ai",
+                        "annotations": {"infergate.dev/admin-port": port.to_string()}},
+                    "status": {"phase": "Running", "podIP": "127.0.0.1"},
+                })
+            })
+            .collect(),
+    );
+    stores
+}
+
+/// `limits` and `clusterLimits` requests per minute of the one key a
+/// sidecar runs.
+async fn key_rpm(admin_port: u16) -> (Value, Value) {
+    let config = crate::testbed::sidecar_config(admin_port).await.unwrap();
+    let key = &config["keys"][0];
+    (
+        key["limits"]["requestsPerMinute"].clone(),
+        key["clusterLimits"]["requestsPerMinute"].clone(),
+    )
+}
+
+#[tokio::test]
+async fn a_keys_local_share_follows_the_number_of_sidecars() {
+    let (_a, a) = sidecar();
+    let (_b, b) = sidecar();
+    let token_file = std::env::temp_dir().join(format!("ig-share-token-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let objects: HashMap<String, Value> = [
+        (
+            "/apis/infergate.dev/v1alpha1/namespaces/ai/modelroutes/good".to_owned(),
+            route("good", "p", None),
+        ),
+        (
+            "/apis/infergate.dev/v1alpha1/namespaces/ai/inferenceproviders/p".to_owned(),
+            provider(),
+        ),
+    ]
+    .into();
+    let (client, _log) = fake_api(objects);
+    let mut memory = Memory::default();
+
+    // One sidecar: it enforces the whole 12 a minute.
+    let ctx = context(client.clone(), stores_with_pods(&[a], 12), &token_file);
+    pass(&ctx, &mut memory).await.unwrap();
+    assert_eq!(key_rpm(a).await, (json!(12), json!(12)));
+
+    // A second sidecar joins: each enforces half, and both know the whole
+    // (for a shared quota store).
+    let ctx = context(client, stores_with_pods(&[a, b], 12), &token_file);
+    pass(&ctx, &mut memory).await.unwrap();
+    for port in [a, b] {
+        assert_eq!(key_rpm(port).await, (json!(6), json!(12)));
+    }
+}
