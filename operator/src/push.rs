@@ -77,6 +77,7 @@ impl Pushed {
 /// it for the sidecars that run that one.
 pub struct Payload {
     pub version: String,
+    /// The whole config, gzipped (JSON of this shape compresses ~5-10x).
     full: Bytes,
     /// (the version it applies to, the delta)
     delta: Option<(String, Bytes)>,
@@ -95,15 +96,23 @@ impl Payload {
             .map(|d| (d.from.clone(), json(&d)));
         Payload {
             version: version.to_owned(),
-            full: json(config),
+            full: gzip(&json(config)),
             delta,
         }
     }
 
-    /// Bytes of the whole config and of the delta, for logs and metrics.
+    /// Bytes on the wire of the whole config (gzipped) and of the delta.
     pub fn sizes(&self) -> (usize, Option<usize>) {
         (self.full.len(), self.delta.as_ref().map(|(_, d)| d.len()))
     }
+}
+
+fn gzip(bytes: &[u8]) -> Bytes {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing to a Vec cannot fail.
+    let _ = enc.write_all(bytes);
+    Bytes::from(enc.finish().unwrap_or_default())
 }
 
 /// Plain data always serialises; were it ever to fail, the empty body is
@@ -215,7 +224,10 @@ pub async fn push_one(
                 }
             }
         }
-        match send(json(client.put(&url), &payload.full)).await {
+        let put = client
+            .put(&url)
+            .header(reqwest::header::CONTENT_ENCODING, "gzip");
+        match send(json(put, &payload.full)).await {
             Answer::Taken(u) => return Pushed::Applied(u),
             Answer::Refused(why) => return Pushed::Failed(why),
             Answer::Conflict => return Pushed::Failed("conflict on a whole config".into()),

@@ -23,12 +23,39 @@ pub fn admin_app(state: Arc<AppState>) -> Router {
             get(get_config).put(put_config).patch(patch_config),
         )
         .route("/admin/v1/config/version", get(get_version))
+        // A whole config for thousands of routes, pods and keys (gzip
+        // usually makes it a tenth of this); the admin port is not public.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_CONFIG_BYTES))
         .route("/admin/v1/log-level", axum::routing::put(put_log_level))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("Unknown path.".into()) })
         .with_state(state)
+}
+
+/// The largest config the admin API takes, before and after gzip.
+const MAX_CONFIG_BYTES: usize = 64 * 1024 * 1024;
+
+/// The body as sent, or gunzipped when `Content-Encoding: gzip` (bounded,
+/// so a small body cannot inflate without limit).
+fn decoded(headers: &HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
+    let gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    if !gzip {
+        return Ok(body);
+    }
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&body[..])
+        .take(MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::invalid(format!("config rejected: bad gzip body: {e}"), None))?;
+    if out.len() > MAX_CONFIG_BYTES {
+        return Err(ApiError::BodyTooLarge(MAX_CONFIG_BYTES));
+    }
+    Ok(Bytes::from(out))
 }
 
 fn check_token(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -82,6 +109,7 @@ async fn patch_config(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_token(&s, &headers)?;
+    let body = decoded(&headers, body)?;
     let delta: ConfigDelta = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("config delta rejected: {e}"), None))?;
     if s.current_version() == delta.to {
@@ -104,6 +132,7 @@ async fn put_config(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_token(&s, &headers)?;
+    let body = decoded(&headers, body)?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -61,6 +61,13 @@ fn inputs(routes: usize, pods: usize, keys: usize) -> Inputs {
     i
 }
 
+fn gzipped_len(bytes: &[u8]) -> usize {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(bytes).expect("to a Vec");
+    enc.finish().expect("to a Vec").len()
+}
+
 fn median(mut runs: Vec<Duration>) -> Duration {
     runs.sort();
     runs[runs.len() / 2]
@@ -101,8 +108,8 @@ struct Point {
 fn grid(out: &mut String) -> Vec<Point> {
     let mut points = Vec::new();
     out.push_str(
-        "| routes x pods x keys | render | config JSON | serialise | sidecar apply (whole) | revocation delta | sidecar apply (delta) |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
+        "| routes x pods x keys | render | config JSON | gzipped (sent) | serialise | sidecar apply (whole) | revocation delta | sidecar apply (delta) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let sizes = [10, 100, 1000];
     let cells = sizes
@@ -126,9 +133,10 @@ fn grid(out: &mut String) -> Vec<Point> {
         let base = Table::build(before.config.clone(), None).expect("valid");
         let (t_delta, _) = time(5, || base.apply(&delta).expect("applies"));
         out.push_str(&format!(
-            "| {routes} x {pods} x {keys} | {} | {} | {} | {} | {} B | {} |\n",
+            "| {routes} x {pods} x {keys} | {} | {} | {} | {} | {} | {} B | {} |\n",
             ms(t_render),
             kb(full.len()),
+            kb(gzipped_len(&full)),
             ms(t_ser),
             ms(t_apply),
             delta_bytes,
@@ -273,7 +281,7 @@ async fn revocation(out: &mut String, sidecars: usize, routes: usize, pods: usiz
     assert_eq!(refusing, sidecars, "every sidecar refuses the revoked key");
     let (full, delta) = payload.sizes();
     out.push_str(&format!(
-        "| {sidecars} | {routes} x {pods} x {keys} | {} ({} each) | {} | {} B by PATCH to {patched} | {refusing}/{sidecars} |\n",
+        "| {sidecars} | {routes} x {pods} x {keys} | {} ({} gzipped each) | {} | {} B by PATCH to {patched} | {refusing}/{sidecars} |\n",
         ms(t_full),
         kb(full),
         ms(t_revoke),
