@@ -327,6 +327,42 @@ async fn client_disconnect_cancels_upstream_and_frees_the_slot() {
 }
 
 #[tokio::test]
+async fn admin_takes_gzipped_configs_and_refuses_ones_that_inflate_past_the_bound() {
+    use std::io::Write as _;
+    let (a, b) = (simulator("a", 1, 0).await, simulator("b", 1, 0).await);
+    let gw = gateway(config(&[&a.url], "", "")).await;
+    let gzip = |bytes: &[u8]| {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    };
+    let put = |body: Vec<u8>| {
+        client()
+            .put(format!("{}/admin/v1/config", gw.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(body)
+    };
+    let new = config(&[&b.url], "", "");
+    let ok = put(gzip(&serde_json::to_vec(&new).unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(gw.state.current_version(), new.computed_version());
+
+    // 65 MiB of spaces in 65 KiB: refused, not inflated into memory whole.
+    let bomb = gzip(&vec![b' '; 65 * 1024 * 1024]);
+    assert!(bomb.len() < 1024 * 1024);
+    let refused = put(bomb).send().await.unwrap();
+    assert_eq!(refused.status(), 413);
+    let not_gzip = put(b"{not gzip".to_vec()).send().await.unwrap();
+    assert_eq!(not_gzip.status(), 400);
+    assert_eq!(gw.state.current_version(), new.computed_version());
+}
+
+#[tokio::test]
 async fn admin_swaps_config_atomically_and_rejects_bad_ones() {
     let (a, b) = (simulator("a", 1, 0).await, simulator("b", 1, 0).await);
     let gw = gateway(config(&[&a.url], "", "")).await;
