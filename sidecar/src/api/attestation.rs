@@ -37,15 +37,30 @@ pub(super) async fn report(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|_| malformed_query())?;
     let table = s.table.load_full();
-    // A peer's hop was admitted by the sidecar the client reached; a key
-    // is checked as everywhere (a wrong one is a 401, not a public ask);
-    // no key at all is the public, rate-limited case.
+    // A key is checked as everywhere (a wrong one is a 401, not a public
+    // ask) and the ask counts against its limits; no key at all is the
+    // public, rate-limited case. A peer's hop was admitted by the sidecar
+    // the client reached, but a keyless one also costs this sidecar's
+    // public budget: otherwise one public ask to each of N sidecars would
+    // make every pod quote N times its budget.
+    let now = crate::table::now_ns();
+    let mut _key_slot = None;
     let key = if hop.is_some() {
+        if !headers.contains_key(header::AUTHORIZATION) {
+            s.attestor.admit_public(now)?;
+        }
         None
     } else if headers.contains_key(header::AUTHORIZATION) {
-        Some(crate::auth::authenticate(&table, &headers)?)
+        let key = crate::auth::authenticate(&table, &headers)?;
+        if let Some(q) = &key.quota {
+            _key_slot = q
+                .admit(now, s.cluster.as_deref())
+                .await
+                .map_err(ApiError::RateLimited)?;
+        }
+        Some(key)
     } else {
-        s.attestor.admit_public(crate::table::now_ns())?;
+        s.attestor.admit_public(now)?;
         None
     };
     let algo = match q.signing_algo.as_deref() {

@@ -275,6 +275,14 @@ const SECRET: &[u8] = b"near-report-peer-secret";
 /// Two sidecars with one config (model `m` on b0 next to sidecar 0 and b1
 /// next to sidecar 1), public reports on, each with its own fake TEE.
 async fn pair(tsms: &[FakeTsm; 2]) -> (Vec<Gateway>, [infergate_sim::SimHandle; 2]) {
+    pair_with(tsms, [1000, 1000]).await
+}
+
+/// Two peered sidecars with these keyless report budgets a minute.
+async fn pair_with(
+    tsms: &[FakeTsm; 2],
+    public_per_minute: [u64; 2],
+) -> (Vec<Gateway>, [infergate_sim::SimHandle; 2]) {
     let sims = [simulator("s0", 1, 0).await, simulator("s1", 1, 0).await];
     let listeners = [
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -309,7 +317,7 @@ models:
             self_url: Some(urls[i].clone()),
             peer_secret: Some(SECRET.to_vec()),
             tee: Some(TeeSource::ConfigfsTsm(tsms[i].root.clone())),
-            public_attestation_per_minute: Some(1000),
+            public_attestation_per_minute: Some(public_per_minute[i]),
             ..Options::default()
         };
         let state = AppState::new(Some(config()), options).unwrap();
@@ -326,6 +334,39 @@ models:
         });
     }
     (gws, sims)
+}
+
+#[tokio::test]
+async fn a_keyless_ask_passed_to_a_peer_costs_that_peers_public_budget_too() {
+    let tsms = [FakeTsm::start(), FakeTsm::start()];
+    // The peer quotes for strangers once a minute.
+    let (gws, _sims) = pair_with(&tsms, [1000, 1]).await;
+    let peer = gws[1].state.signer.address.clone();
+    let ask = |nonce: String| format!("/v1/attestation/report?model=org%2Fm&nonce={nonce}");
+    let (status, first) = get(&gws[0], None, &ask("aa".repeat(32))).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["model_attestations"].as_array().unwrap().len(), 2);
+    // A second stranger's ask through the first sidecar: the peer says no
+    // (its budget is spent) instead of quoting again.
+    let (status, second) = get(&gws[0], None, &ask("bb".repeat(32))).await;
+    assert_eq!(status, 200, "{second}");
+    let entries = second["model_attestations"].as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["signing_address"] != peer.as_str()),
+        "{second}"
+    );
+    assert_eq!(
+        second["unreachable"].as_array().unwrap().len(),
+        1,
+        "{second}"
+    );
+    assert_eq!(tsms[1].made.load(Ordering::Relaxed), 1);
+    // A caller with a key is not a stranger: the peer answers it.
+    let (status, keyed) = get(&gws[0], Some(KEY), &ask("cc".repeat(32))).await;
+    assert_eq!(status, 200, "{keyed}");
+    assert_eq!(keyed["model_attestations"].as_array().unwrap().len(), 2);
 }
 
 #[tokio::test]
