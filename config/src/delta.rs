@@ -83,20 +83,6 @@ impl Keyed for ModelRoute {
     }
 }
 
-fn diff_list<T: Keyed + Clone + PartialEq>(old: &[T], new: &[T]) -> Changes<T, T::Id> {
-    let remove = old
-        .iter()
-        .filter(|o| !new.iter().any(|n| n.id() == o.id()))
-        .map(|o| o.id().clone())
-        .collect();
-    let upsert = new
-        .iter()
-        .filter(|n| !old.iter().any(|o| o == *n))
-        .cloned()
-        .collect();
-    Changes { remove, upsert }
-}
-
 fn apply_list<T: Keyed + Clone>(list: &mut Vec<T>, changes: &Changes<T, T::Id>) {
     list.retain(|e| !changes.remove.contains(e.id()));
     for entry in &changes.upsert {
@@ -112,9 +98,8 @@ impl GatewayConfig {
     /// `None` when applying one would not give `new` exactly (entries added
     /// anywhere but at the end): then the whole config must go.
     ///
-    /// Lists are compared by id with a linear scan per entry; a delta is
-    /// worth sending only when little changed, and `apply` checks the
-    /// outcome, so both sides stay simple.
+    /// `diff` checks its delta by applying it, so `apply` and `diff` cannot
+    /// disagree about order.
     pub fn diff(&self, new: &GatewayConfig, from: &str, to: &str) -> Option<ConfigDelta> {
         let delta = ConfigDelta {
             from: from.to_owned(),
@@ -154,17 +139,14 @@ impl GatewayConfig {
     }
 }
 
-/// `diff_list` over large lists: ids indexed once, so a config of n entries
-/// costs O(n), not O(n^2).
+/// Entries of `old` gone from `new`, and entries of `new` that are new or
+/// differ; ids indexed once, so a list of n entries costs O(n).
 fn diff_keyed<T>(old: &[T], new: &[T]) -> Changes<T, T::Id>
 where
     T: Keyed + Clone + PartialEq,
     T::Id: std::hash::Hash + Eq,
 {
     use std::collections::HashMap;
-    if old.len() + new.len() < 64 {
-        return diff_list(old, new);
-    }
     let old_by_id: HashMap<&T::Id, &T> = old.iter().map(|o| (o.id(), o)).collect();
     let new_ids: std::collections::HashSet<&T::Id> = new.iter().map(Keyed::id).collect();
     Changes {

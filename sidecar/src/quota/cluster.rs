@@ -53,10 +53,9 @@ impl Cluster {
             return Taken::Yes;
         }
         let batch = cost.max(per_minute.div_ceil(600)).min(per_minute.max(1));
-        let unit_us = (MINUTE_US / per_minute.max(1)).max(1);
         match self
             .redis
-            .gcra(key, unit_us, MINUTE_US, batch as i64, false)
+            .gcra(key, unit_us(per_minute), MINUTE_US, batch as i64, false)
             .await
         {
             Ok(Gcra::Taken) => {
@@ -74,16 +73,20 @@ impl Cluster {
 
     /// Charge `cost` past the limit (tokens used beyond a reservation).
     pub async fn charge(&self, key: &str, per_minute: u64, cost: u64) {
-        let unit_us = (MINUTE_US / per_minute.max(1)).max(1);
         if self
             .redis
-            .gcra(key, unit_us, MINUTE_US, cost as i64, true)
+            .gcra(key, unit_us(per_minute), MINUTE_US, cost as i64, true)
             .await
             .is_err()
         {
             self.fallbacks.inc();
         }
     }
+}
+
+/// Microseconds one unit costs at `per_minute`.
+fn unit_us(per_minute: u64) -> u64 {
+    (MINUTE_US / per_minute.max(1)).max(1)
 }
 
 /// Units this sidecar took from Redis and has not used yet.

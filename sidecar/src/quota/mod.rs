@@ -271,7 +271,7 @@ impl TokenReservation {
             }
             (Some(_), _) => q
                 .tokens_lease
-                .give_back(now_ns / 1_000_000, self.tokens - used.min(self.tokens)),
+                .give_back(now_ns / 1_000_000, self.tokens.saturating_sub(used)),
             (None, _) => {
                 if let Some(bucket) = &q.tokens {
                     if used > self.tokens {
