@@ -6,13 +6,7 @@ use infergate_sidecar::{Options, TeeSource};
 use serde_json::Value;
 
 async fn get(gw: &Gateway, key: &str, path: &str) -> (u16, Value) {
-    let resp = client()
-        .get(format!("{}{path}", gw.url))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
+    get_json(gw, Some(key), path).await
 }
 
 async fn answer_id(gw: &Gateway, stream: bool, headers: &[(&str, &str)]) -> String {

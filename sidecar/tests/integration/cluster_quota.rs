@@ -57,23 +57,6 @@ async fn redis_server(dir: &Path) -> Option<RedisServer> {
     panic!("redis-server did not open {socket:?}");
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ig-{name}-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rand_suffix() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-}
-
 /// Statuses of `n` requests sent round-robin over `gateways`.
 async fn spread(gateways: &[Gateway], n: usize) -> Vec<u16> {
     let mut out = Vec::with_capacity(n);
@@ -95,7 +78,7 @@ fn count(statuses: &[u16], status: u16) -> usize {
 
 #[tokio::test]
 async fn three_sidecars_share_one_budget_and_fall_back_to_their_share_without_redis() {
-    let dir = scratch("cluster-quota");
+    let dir = scratch_dir("cluster-quota");
     let Some(redis) = redis_server(&dir).await else {
         return;
     };

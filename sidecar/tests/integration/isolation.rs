@@ -188,13 +188,8 @@ async fn follow_ups_by_id_answer_only_their_key() {
                 .unwrap();
             assert_eq!(resp.status(), 404, "{method} {url}");
         }
-        let sig = client()
-            .get(format!("{}/v1/signature/{id}", gw.url))
-            .bearer_auth(OTHER_KEY)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(sig.status(), 404);
+        let (status, _) = get_json(gw, Some(OTHER_KEY), &format!("/v1/signature/{id}")).await;
+        assert_eq!(status, 404);
     }
 }
 
@@ -336,15 +331,7 @@ async fn sidecars_with_the_secret_forward_and_the_answer_verifies_from_both() {
             .unwrap()
             .to_owned();
         for gw in &p.gws {
-            let sig: Value = client()
-                .get(format!("{}/v1/signature/{id}", gw.url))
-                .bearer_auth(KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let (_, sig) = get_json(gw, Some(KEY), &format!("/v1/signature/{id}")).await;
             let response_hash = hex::encode(Sha256::digest(text.as_bytes()));
             assert!(
                 sig["text"].as_str().unwrap().ends_with(&response_hash),
@@ -430,13 +417,8 @@ models: [{{ name: m, targets: [{{ backend: b0, upstreamModel: {UPSTREAM_MODEL} }
             metrics.contains(r#"infergate_requests_total{model="m",backend="b0",status="2xx"} 3"#),
             "{metrics}"
         );
-        let sig = client()
-            .get(format!("{}/v1/signature/{id}", gw.url))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(sig.status(), 200);
+        let (status, _) = get_json(&gw, Some(KEY), &format!("/v1/signature/{id}")).await;
+        assert_eq!(status, 200);
     }
 }
 

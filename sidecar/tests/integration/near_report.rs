@@ -25,17 +25,6 @@ struct FakeTsm {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn temp_dir(what: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "infergate-{what}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 pub fn v4_quote(report_data: &[u8]) -> Vec<u8> {
     let mut q = vec![0u8; 48 + 584];
     q[0..2].copy_from_slice(&4u16.to_le_bytes());
@@ -49,7 +38,7 @@ pub fn v4_quote(report_data: &[u8]) -> Vec<u8> {
 
 impl FakeTsm {
     fn start() -> FakeTsm {
-        let root = temp_dir("tsm");
+        let root = scratch_dir("tsm");
         let (made, stop) = (
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicBool::new(false)),
@@ -106,15 +95,6 @@ impl Drop for FakeTsm {
     }
 }
 
-async fn get(gw: &Gateway, key: Option<&str>, path: &str) -> (u16, Value) {
-    let mut req = client().get(format!("{}{path}", gw.url));
-    if let Some(k) = key {
-        req = req.bearer_auth(k);
-    }
-    let resp = req.send().await.unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
-}
-
 fn quote_report_data(entry: &Value) -> Vec<u8> {
     let quote = hex::decode(entry["intel_quote"].as_str().unwrap()).unwrap();
     quote[568..632].to_vec()
@@ -143,7 +123,7 @@ async fn a_configfs_tsm_quote_binds_the_signing_key_and_the_nonce() {
         ("ed25519", gw.state.signer.ed25519_public.clone()),
     ] {
         let path = format!("/v1/attestation/report?model=m&nonce={NONCE}&signing_algo={algo}");
-        let (status, r) = get(&gw, Some(KEY), &path).await;
+        let (status, r) = get_json(&gw, Some(KEY), &path).await;
         assert_eq!(status, 200, "{r}");
         assert_eq!(r["signing_address"], identity.as_str());
         assert_eq!(r["signing_algo"], algo);
@@ -164,7 +144,7 @@ async fn a_configfs_tsm_quote_binds_the_signing_key_and_the_nonce() {
     assert_eq!(tsm.entries_left(), 0);
     // Without a TEE the report says so, in both shapes.
     let plain = gateway(config(&[&sim.url], "", "")).await;
-    let (_, r) = get(&plain, Some(KEY), "/v1/attestation/report?nonce=abc").await;
+    let (_, r) = get_json(&plain, Some(KEY), "/v1/attestation/report?nonce=abc").await;
     assert_eq!(r["intel_quote"], Value::Null);
     assert_eq!(r["tee"]["present"], false);
     assert_eq!(r["gpu"]["present"], false);
@@ -173,7 +153,7 @@ async fn a_configfs_tsm_quote_binds_the_signing_key_and_the_nonce() {
 #[tokio::test]
 async fn a_quote_and_gpu_evidence_are_made_once_per_nonce() {
     let tsm = FakeTsm::start();
-    let dir = temp_dir("gpu");
+    let dir = scratch_dir("gpu");
     let calls = dir.join("calls");
     let sim = simulator("s0", 1, 0).await;
     let options = Options {
@@ -188,9 +168,9 @@ async fn a_quote_and_gpu_evidence_are_made_once_per_nonce() {
     let gw = gateway_with(config(&[&sim.url], "", ""), options).await;
     let path = format!("/v1/attestation/report?nonce={NONCE}");
     let (a, b, c) = tokio::join!(
-        get(&gw, None, &path),
-        get(&gw, Some(KEY), &path),
-        get(&gw, None, &path)
+        get_json(&gw, None, &path),
+        get_json(&gw, Some(KEY), &path),
+        get_json(&gw, None, &path)
     );
     for (status, r) in [&a, &b, &c] {
         assert_eq!(*status, 200, "{r}");
@@ -205,7 +185,7 @@ async fn a_quote_and_gpu_evidence_are_made_once_per_nonce() {
     assert_eq!(tsm.made.load(Ordering::Relaxed), 1);
     assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 1);
     // Another nonce is another quote and another GPU evidence.
-    let (status, _) = get(&gw, None, "/v1/attestation/report?nonce=other").await;
+    let (status, _) = get_json(&gw, None, "/v1/attestation/report?nonce=other").await;
     assert_eq!(status, 200);
     assert_eq!(tsm.made.load(Ordering::Relaxed), 2);
     assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 2);
@@ -216,7 +196,7 @@ async fn a_quote_and_gpu_evidence_are_made_once_per_nonce() {
 async fn reports_without_a_key_need_the_switch_and_have_their_own_limit() {
     let sim = simulator("s0", 1, 0).await;
     let closed = gateway(config(&[&sim.url], "", "")).await;
-    let (status, err) = get(&closed, None, "/v1/attestation/report").await;
+    let (status, err) = get_json(&closed, None, "/v1/attestation/report").await;
     assert_eq!(status, 401);
     assert_eq!(err["error"]["code"], "missing_api_key");
     let open = gateway_with(
@@ -228,7 +208,7 @@ async fn reports_without_a_key_need_the_switch_and_have_their_own_limit() {
     )
     .await;
     // A wrong key is refused, not taken for a public ask.
-    let (status, _) = get(
+    let (status, _) = get_json(
         &open,
         Some("ig-wrong-key-zzzzzzzzzz"),
         "/v1/attestation/report",
@@ -236,15 +216,15 @@ async fn reports_without_a_key_need_the_switch_and_have_their_own_limit() {
     .await;
     assert_eq!(status, 401);
     for _ in 0..2 {
-        let (status, r) = get(&open, None, "/v1/attestation/report").await;
+        let (status, r) = get_json(&open, None, "/v1/attestation/report").await;
         assert_eq!(status, 200, "{r}");
         assert_eq!(r["request_nonce"].as_str().unwrap().len(), 64);
     }
-    let (status, err) = get(&open, None, "/v1/attestation/report").await;
+    let (status, err) = get_json(&open, None, "/v1/attestation/report").await;
     assert_eq!(status, 429);
     assert_eq!(err["error"]["code"], "rate_limit_exceeded");
     // Keyed callers and inference are not behind that budget.
-    let (status, _) = get(&open, Some(KEY), "/v1/attestation/report").await;
+    let (status, _) = get_json(&open, Some(KEY), "/v1/attestation/report").await;
     assert_eq!(status, 200);
     assert_eq!(
         post_chat(&open, KEY, &chat_body("m", false), &[])
@@ -259,11 +239,11 @@ async fn reports_without_a_key_need_the_switch_and_have_their_own_limit() {
         ("/v1/attestation/report?model=nope", 404),
         ("/v1/attestation/report?nonce=a&nonce=b", 400),
     ] {
-        assert_eq!(get(&open, Some(KEY), path).await.0, status, "{path}");
+        assert_eq!(get_json(&open, Some(KEY), path).await.0, status, "{path}");
     }
     // A key that may not use the model gets no report on it.
     assert_eq!(
-        get(&open, Some(OTHER_KEY), "/v1/attestation/report?model=m")
+        get_json(&open, Some(OTHER_KEY), "/v1/attestation/report?model=m")
             .await
             .0,
         403
@@ -343,12 +323,12 @@ async fn a_keyless_ask_passed_to_a_peer_costs_that_peers_public_budget_too() {
     let (gws, _sims) = pair_with(&tsms, [1000, 1]).await;
     let peer = gws[1].state.signer.address.clone();
     let ask = |nonce: String| format!("/v1/attestation/report?model=org%2Fm&nonce={nonce}");
-    let (status, first) = get(&gws[0], None, &ask("aa".repeat(32))).await;
+    let (status, first) = get_json(&gws[0], None, &ask("aa".repeat(32))).await;
     assert_eq!(status, 200, "{first}");
     assert_eq!(first["model_attestations"].as_array().unwrap().len(), 2);
     // A second stranger's ask through the first sidecar: the peer says no
     // (its budget is spent) instead of quoting again.
-    let (status, second) = get(&gws[0], None, &ask("bb".repeat(32))).await;
+    let (status, second) = get_json(&gws[0], None, &ask("bb".repeat(32))).await;
     assert_eq!(status, 200, "{second}");
     let entries = second["model_attestations"].as_array().unwrap();
     assert!(
@@ -364,7 +344,7 @@ async fn a_keyless_ask_passed_to_a_peer_costs_that_peers_public_budget_too() {
     );
     assert_eq!(tsms[1].made.load(Ordering::Relaxed), 1);
     // A caller with a key is not a stranger: the peer answers it.
-    let (status, keyed) = get(&gws[0], Some(KEY), &ask("cc".repeat(32))).await;
+    let (status, keyed) = get_json(&gws[0], Some(KEY), &ask("cc".repeat(32))).await;
     assert_eq!(status, 200, "{keyed}");
     assert_eq!(keyed["model_attestations"].as_array().unwrap().len(), 2);
 }
@@ -375,7 +355,7 @@ async fn a_model_on_two_pods_has_an_entry_from_each_and_the_address_chooses() {
     let (gws, _sims) = pair(&tsms).await;
     let addresses: Vec<String> = gws.iter().map(|g| g.state.signer.address.clone()).collect();
     let path = format!("/v1/attestation/report?model=org%2Fm&nonce={NONCE}");
-    let (status, r) = get(&gws[0], None, &path).await;
+    let (status, r) = get_json(&gws[0], None, &path).await;
     assert_eq!(status, 200, "{r}");
     // The answering sidecar's own entry on top and as the gateway.
     assert_eq!(r["signing_address"], addresses[0].as_str());
@@ -401,7 +381,7 @@ async fn a_model_on_two_pods_has_an_entry_from_each_and_the_address_chooses() {
             "{path}&signing_address={}",
             addresses[1].to_uppercase().replace("0X", "0x")
         );
-        let (status, r) = get(gw, None, &path).await;
+        let (status, r) = get_json(gw, None, &path).await;
         assert_eq!(status, 200, "{r}");
         assert_eq!(r["signing_address"], addresses[1].as_str());
         assert_eq!(
@@ -415,7 +395,7 @@ async fn a_model_on_two_pods_has_an_entry_from_each_and_the_address_chooses() {
     assert_eq!(tsms[0].made.load(Ordering::Relaxed), 1);
     assert_eq!(tsms[1].made.load(Ordering::Relaxed), 1);
     let unknown = format!("{path}&signing_address=0x{}", "ab".repeat(20));
-    let (status, err) = get(&gws[0], None, &unknown).await;
+    let (status, err) = get_json(&gws[0], None, &unknown).await;
     assert_eq!(status, 404);
     assert_eq!(err["error"]["code"], "not_found");
     // The hop header from a client is refused, not served as a peer's.
@@ -437,7 +417,7 @@ async fn signature_accepts_near_ais_model_query() {
         .as_str()
         .unwrap()
         .to_owned();
-    let (status, sig) = get(
+    let (status, sig) = get_json(
         &gw,
         Some(KEY),
         &format!("/v1/signature/{id}?model=m&signing_algo=ecdsa"),
@@ -446,7 +426,7 @@ async fn signature_accepts_near_ais_model_query() {
     assert_eq!(status, 200, "{sig}");
     assert_eq!(sig["signing_address"], gw.state.signer.address.as_str());
     // A repeated parameter is a JSON 400, not a plain-text one.
-    let (status, err) = get(
+    let (status, err) = get_json(
         &gw,
         Some(KEY),
         &format!("/v1/signature/{id}?model=m&model=n"),
@@ -487,7 +467,7 @@ models:
             ..Options::default()
         };
         let gw = gateway_with(cfg.clone(), options).await;
-        let (status, r) = get(&gw, Some(KEY), "/v1/attestation/report?model=m&nonce=n").await;
+        let (status, r) = get_json(&gw, Some(KEY), "/v1/attestation/report?model=m&nonce=n").await;
         assert_eq!(status, 200, "{r}");
         // This pod's entry; the external provider has nothing to attest.
         let entries = r["model_attestations"].as_array().unwrap();

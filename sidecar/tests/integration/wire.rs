@@ -142,15 +142,7 @@ async fn streams_ask_for_usage_and_only_clients_that_asked_receive_it() {
     );
     // The signature covers what this client received, and the request hash
     // is of its own bytes.
-    let sig: Value = client()
-        .get(format!("{}/v1/signature/chatcmpl-u", gw.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, sig) = get_json(&gw, Some(KEY), "/v1/signature/chatcmpl-u").await;
     assert_eq!(
         sig["text"],
         format!(
@@ -194,15 +186,7 @@ async fn bytes_after_done_are_not_passed_on_and_the_signature_verifies() {
             .text()
             .await
             .unwrap();
-        let sig: Value = client()
-            .get(format!("{}/v1/signature/{id}", gw.url))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, sig) = get_json(&gw, Some(KEY), &format!("/v1/signature/{id}")).await;
         let response_hash = hex::encode(Sha256::digest(text.as_bytes()));
         assert!(
             sig["text"].as_str().unwrap().ends_with(&response_hash),
@@ -426,13 +410,8 @@ async fn vllm_endpoints_beyond_generation_pass_with_auth_models_and_rewrite() {
         metrics.contains(r#"infergate_prompt_tokens_total{model="m",key="team-a"} 21"#),
         "{metrics}"
     );
-    let sig = client()
-        .get(format!("{}/v1/signature/embd-1", gw.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(sig.status(), 200);
+    let (status, _) = get_json(&gw, Some(KEY), "/v1/signature/embd-1").await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]
@@ -510,14 +489,9 @@ async fn a_reused_answer_id_never_moves_a_record_to_another_key() {
         .await
         .unwrap();
     assert_eq!(b.status(), 200);
-    let sig = |key: &'static str| {
-        client()
-            .get(format!("{}/v1/signature/chatcmpl-w1", gw.url))
-            .bearer_auth(key)
-            .send()
-    };
-    assert_eq!(sig(KEY).await.unwrap().status(), 200);
-    assert_eq!(sig(OTHER_KEY).await.unwrap().status(), 404);
+    let sig = |key| get_json(&gw, Some(key), "/v1/signature/chatcmpl-w1");
+    assert_eq!(sig(KEY).await.0, 200);
+    assert_eq!(sig(OTHER_KEY).await.0, 404);
     // Ids are the upstream's to choose, never the client's.
     for field in [r#""request_id":"chatcmpl-w1""#, r#""background":true"#] {
         let crafted =

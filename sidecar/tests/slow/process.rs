@@ -59,19 +59,13 @@ fn yaml(sim_url: &str) -> String {
     )
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("infergate-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[tokio::test]
 async fn trace_logs_hold_no_key_prompt_or_completion() {
     if !crate::slow_tier("trace_logs_hold_no_key_prompt_or_completion") {
         return;
     }
     let sim = simulator("s0", 6, 0).await;
-    let dir = tempdir("privacy");
+    let dir = scratch_dir("privacy");
     let mut sc = start(&yaml(&sim.url), &dir, "trace");
     let body = serde_json::json!({
         "model": "m", "stream": true, "user": "customer-name-acme",
@@ -138,7 +132,7 @@ async fn starts_without_its_config_file_and_serves_it_once_written() {
         return;
     }
     let sim = simulator("s0", 3, 0).await;
-    let dir = tempdir("absent-config");
+    let dir = scratch_dir("absent-config");
     let _ = std::fs::remove_file(dir.join("config.yaml"));
     let mut sc = spawn(&dir, "info");
     let readyz = || async {
@@ -183,7 +177,7 @@ async fn sigterm_finishes_streams_in_flight_and_refuses_new_ones() {
         return;
     }
     let sim = simulator("s0", 40, 25).await;
-    let dir = tempdir("shutdown");
+    let dir = scratch_dir("shutdown");
     let mut sc = start(&yaml(&sim.url), &dir, "info");
     let resp = client()
         .post(format!("{}/v1/chat/completions", sc.url))

@@ -161,6 +161,29 @@ pub async fn post_chat(
     req.send().await.unwrap()
 }
 
+/// A fresh directory under the system temp dir, unique per call.
+pub fn scratch_dir(what: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "infergate-{what}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `GET path` on the gateway's public port, with `key` if any: status and
+/// JSON body (answers and OpenAI errors alike).
+pub async fn get_json(gw: &Gateway, key: Option<&str>, path: &str) -> (u16, serde_json::Value) {
+    let mut req = client().get(format!("{}{path}", gw.url));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
 /// `data:` payloads of an SSE body, in order.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
