@@ -23,3 +23,35 @@ pub fn slow_tier(test: &str) -> bool {
     );
     false
 }
+
+/// The sidecar binary on `dir/config.yaml` (there or not yet), both ports
+/// of its own choosing, stderr to `dir/stderr.log`: the child and the
+/// public and admin URLs from its `listening` line.
+pub fn spawn_sidecar(
+    dir: &std::path::Path,
+    extra: &[&str],
+    rust_log: &str,
+) -> (std::process::Child, String, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infergate-sidecar"))
+        .args(["--config", dir.join("config.yaml").to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_owned()
+    };
+    (child, field("public="), field("admin="))
+}

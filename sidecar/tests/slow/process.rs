@@ -1,8 +1,7 @@
 //! The real `infergate-sidecar` binary as a process: nothing secret in its
 //! logs even at trace level, and a SIGTERM that drops no stream in flight.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::common::*;
@@ -26,29 +25,16 @@ fn start(config_yaml: &str, dir: &std::path::Path, rust_log: &str) -> Sidecar {
 /// The sidecar on `dir/config.yaml`, whether or not that file exists yet.
 fn spawn(dir: &std::path::Path, rust_log: &str) -> Sidecar {
     std::fs::write(dir.join("token"), ADMIN_TOKEN).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_infergate-sidecar"))
-        .args(["--config", dir.join("config.yaml").to_str().unwrap()])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(["--admin-token-file", dir.join("token").to_str().unwrap()])
-        .env("RUST_LOG", rust_log)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-            .to_owned()
-    };
+    let token = dir.join("token");
+    let (child, url, admin_url) = crate::spawn_sidecar(
+        dir,
+        &["--admin-token-file", token.to_str().unwrap()],
+        rust_log,
+    );
     Sidecar {
-        url: field("public="),
-        admin_url: field("admin="),
         child,
+        url,
+        admin_url,
     }
 }
 

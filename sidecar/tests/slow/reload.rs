@@ -2,9 +2,8 @@
 //! file is a bad edit, removing every key or route needs `allowEmpty: true`,
 //! and every reload logs what changed by id, never key material.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -31,27 +30,10 @@ impl Sidecar {
         let dir = std::env::temp_dir().join(format!("infergate-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.yaml"), yaml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_infergate-sidecar"))
-            .args(["--config", dir.join("config.yaml").to_str().unwrap()])
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
+        let (child, url, admin_url) = crate::spawn_sidecar(&dir, &[], "info");
         Sidecar {
-            url: field("public="),
-            admin_url: field("admin="),
+            url,
+            admin_url,
             child,
             dir,
         }
