@@ -24,7 +24,7 @@ use crate::metrics::ErrorLabels;
 use crate::peers::{self, Reach};
 use crate::respond::respond;
 use crate::table::{now_ms, now_ns, Backend, KeyEntry, Route, Table};
-use crate::upstream::{send, Deadline, Failure};
+use crate::upstream::{send, Chunks, Deadline, Failure};
 use crate::validate::{self, Endpoint, Parsed};
 use crate::AppState;
 
@@ -64,11 +64,16 @@ pub async fn forward(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge(limit));
     }
+    // The request's one timer: the body's deadline now, then each
+    // upstream attempt's, then the answer's first-byte and idle deadlines.
     let read_deadline = Duration::from_millis(table.limits.body_read_ms);
-    let body = match tokio::time::timeout(read_deadline, axum::body::to_bytes(body, limit)).await {
-        Err(_) => return Err(ApiError::BodyTimeout),
-        Ok(Err(_)) => return Err(ApiError::BodyTooLarge(limit)),
-        Ok(Ok(body)) => body,
+    let mut timer = Box::pin(tokio::time::sleep(read_deadline));
+    let body = tokio::select! {
+        biased;
+        body = axum::body::to_bytes(body, limit) => {
+            body.map_err(|_| ApiError::BodyTooLarge(limit))?
+        }
+        () = timer.as_mut() => return Err(ApiError::BodyTimeout),
     };
     let request_sha256: [u8; 32] = Sha256::digest(&body).into();
     if hop
@@ -155,7 +160,7 @@ pub async fn forward(
                         &request_sha256,
                         Some(target.backend.id.as_str()),
                     );
-                    (body.clone(), Some(signed))
+                    (Chunks::one(body.clone()), Some(signed))
                 }
                 None => (
                     validate::upstream_body(&body, &parsed, &target.upstream_model, strip_usage),
@@ -175,6 +180,7 @@ pub async fn forward(
                 hop_headers,
                 upstream_body,
                 deadline,
+                &mut timer,
             )
             .await;
             match outcome {
@@ -218,7 +224,7 @@ pub async fn forward(
                     // removes it from what its client gets.
                     let strip = strip_usage.then_some(hop.is_none());
                     let max_bytes = table.limits.max_response_bytes;
-                    return respond(resp, exchange, strip, max_bytes).await;
+                    return respond(resp, timer, exchange, strip, max_bytes).await;
                 }
                 Err(Failure::NotStarted(kind, err)) => {
                     fail(&state, &table, &target.backend, kind);

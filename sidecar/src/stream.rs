@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::{Instant, Sleep};
 
 use crate::sse::{error_frame, SseScan, DONE_EVENT};
+use crate::upstream::client::body_error_kind;
 use crate::usage_chunk::UsageStrip;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,15 +67,19 @@ pub trait OnEnd: Send + 'static {
     fn on_end(self, end: End);
 }
 
-type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+/// An upstream answer's body as it arrives.
+pub type Upstream = http_body_util::BodyDataStream<hyper::body::Incoming>;
 
-pub struct Observed<H: OnEnd> {
-    upstream: Upstream,
+pub struct Observed<S, H: OnEnd> {
+    upstream: S,
     /// Fires at the first-byte deadline, then every `idle`. A chunk only sets
     /// `active` (no clock read, no timer reset per chunk); a firing with no
     /// activity since the last one is a stall. So a stall is detected
     /// between `idle` and `2 * idle` after the last byte.
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer was last polled with: while the task's waker is
+    /// the same, a frame costs no timer work at all.
+    timer_waker: Option<Waker>,
     active: bool,
     idle: Duration,
     /// An answer larger than this is cut with an error frame.
@@ -100,12 +105,22 @@ enum State {
     Finished,
 }
 
-impl<H: OnEnd> Observed<H> {
-    pub fn new(upstream: Upstream, first_byte: Duration, idle: Duration, hook: H) -> Self {
+impl<S, H: OnEnd> Observed<S, H> {
+    /// `timer` is the request's one timer (it kept the deadline for the
+    /// answer's headers); it now counts to the first byte, then the idle gaps.
+    pub fn new(
+        upstream: S,
+        mut timer: Pin<Box<Sleep>>,
+        first_byte: Duration,
+        idle: Duration,
+        hook: H,
+    ) -> Self {
+        timer.as_mut().reset(Instant::now() + first_byte);
         Observed {
             max_bytes: u64::MAX,
             upstream,
-            timer: Box::pin(tokio::time::sleep(first_byte)),
+            timer,
+            timer_waker: None,
             active: false,
             idle,
             hasher: Sha256::new(),
@@ -202,11 +217,14 @@ impl<H: OnEnd> Observed<H> {
     }
 }
 
-// Nothing in `Observed` is structurally pinned (the timer and upstream are
-// boxed), so it may move freely whatever the hook is.
-impl<H: OnEnd> Unpin for Observed<H> {}
+// Nothing in `Observed` is structurally pinned (the timer is boxed, the
+// upstream Unpin), so it may move freely whatever the hook is.
+impl<S: Unpin, H: OnEnd> Unpin for Observed<S, H> {}
 
-impl<H: OnEnd> Stream for Observed<H> {
+impl<S, H: OnEnd> Stream for Observed<S, H>
+where
+    S: Stream<Item = Result<Bytes, hyper::Error>> + Unpin,
+{
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -226,7 +244,7 @@ impl<H: OnEnd> Stream for Observed<H> {
                 }
                 State::Streaming => {}
             }
-            match this.upstream.as_mut().poll_next(cx) {
+            match Pin::new(&mut this.upstream).poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk)))
                     if this.bytes + chunk.len() as u64 > this.max_bytes =>
                 {
@@ -255,7 +273,10 @@ impl<H: OnEnd> Stream for Observed<H> {
                     return Poll::Ready(Some(Ok(passed)));
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let msg = format!("upstream connection failed mid-stream: {}", error_kind(&e));
+                    let msg = format!(
+                        "upstream connection failed mid-stream: {}",
+                        body_error_kind(&e)
+                    );
                     this.state = State::Failing(
                         error_frame(msg, "upstream_disconnected"),
                         EndCause::UpstreamError,
@@ -271,7 +292,19 @@ impl<H: OnEnd> Stream for Observed<H> {
                     return Poll::Ready(Some(Ok(tail)));
                 }
                 Poll::Pending => {
-                    ready!(this.timer.as_mut().poll(cx));
+                    if !this.timer.is_elapsed() {
+                        let same = this.timer_waker.as_ref();
+                        if same.is_some_and(|w| w.will_wake(cx.waker())) {
+                            return Poll::Pending;
+                        }
+                        if this.timer.as_mut().poll(cx).is_pending() {
+                            this.timer_waker = Some(cx.waker().clone());
+                            return Poll::Pending;
+                        }
+                    }
+                    // The timer fired: a reset re-arms it, and the next
+                    // `Pending` registers this task again.
+                    this.timer_waker = None;
                     if std::mem::take(&mut this.active) {
                         let next = Instant::now() + this.idle;
                         this.timer.as_mut().reset(next);
@@ -293,7 +326,7 @@ impl<H: OnEnd> Stream for Observed<H> {
     }
 }
 
-impl<H: OnEnd> Drop for Observed<H> {
+impl<S, H: OnEnd> Drop for Observed<S, H> {
     fn drop(&mut self) {
         self.fire(EndCause::ClientGone);
     }
@@ -305,18 +338,5 @@ fn through_done(chunk: Bytes) -> Bytes {
     match memchr::memmem::find(&chunk, DONE_EVENT) {
         Some(i) if i + DONE_EVENT.len() < chunk.len() => chunk.slice(..i + DONE_EVENT.len()),
         _ => chunk,
-    }
-}
-
-/// What went wrong, without echoing upstream content.
-pub fn error_kind(e: &reqwest::Error) -> &'static str {
-    if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else if e.is_body() || e.is_decode() {
-        "body"
-    } else {
-        "transport"
     }
 }
