@@ -20,7 +20,9 @@ impl OnEnd for Keep {
     }
 }
 
-fn upstream(frames: Vec<Bytes>) -> impl futures_util::Stream<Item = Result<Bytes, hyper::Error>> + Unpin {
+fn upstream(
+    frames: Vec<Bytes>,
+) -> impl futures_util::Stream<Item = Result<Bytes, hyper::Error>> + Unpin {
     futures_util::stream::iter(frames.into_iter().map(Ok))
 }
 

@@ -188,7 +188,7 @@ pub async fn forward(
                     // The upstream is done with this request: another
                     // backend may try, and nothing runs twice at once.
                     let status = resp.status();
-                    fail(&state, &table, &target.backend, "status_5xx");
+                    fail(&state, &table, &target.backend, "status_5xx", &request_id);
                     last_error = Some(ApiError::Upstream(format!(
                         "backend {} answered HTTP {}",
                         target.backend.id,
@@ -227,11 +227,11 @@ pub async fn forward(
                     return respond(resp, timer, exchange, strip, max_bytes).await;
                 }
                 Err(Failure::NotStarted(kind, err)) => {
-                    fail(&state, &table, &target.backend, kind);
+                    fail(&state, &table, &target.backend, kind, &request_id);
                     last_error = Some(err);
                 }
                 Err(Failure::MayHaveStarted(kind, err)) => {
-                    fail(&state, &table, &target.backend, kind);
+                    fail(&state, &table, &target.backend, kind, &request_id);
                     return Err(err);
                 }
                 Err(Failure::Slow(kind, err)) => {
@@ -396,10 +396,15 @@ fn session_key<'a>(route: &Route, headers: &'a HeaderMap, parsed: &'a Parsed) ->
 }
 
 /// A failure of the backend: counted, and the backend ejected for a while.
-fn fail(state: &AppState, table: &Table, backend: &Backend, kind: &'static str) {
+fn fail(state: &AppState, table: &Table, backend: &Backend, kind: &'static str, request_id: &str) {
     backend.record_failure(Duration::from_millis(table.limits.eject_ms));
     count(state, backend, kind);
-    tracing::warn!(backend = %backend.id, kind, "upstream failed; backend ejected for a while");
+    tracing::warn!(
+        request_id,
+        backend = %backend.id,
+        kind,
+        "upstream failed; backend ejected for a while"
+    );
 }
 
 fn count(state: &AppState, backend: &Backend, kind: &'static str) {

@@ -170,7 +170,7 @@ impl<S, H: OnEnd> Observed<S, H> {
     /// (possibly nothing yet, while the usage filter holds a partial event).
     fn pass(&mut self, chunk: Bytes) -> Bytes {
         self.frames += 1;
-        self.events += memchr::memmem::find_iter(&chunk, b"\n\n").count() as u64;
+        self.events += event_ends(&chunk);
         if self.hook.is_none() {
             self.bytes += chunk.len() as u64;
             return chunk;
@@ -332,11 +332,42 @@ impl<S, H: OnEnd> Drop for Observed<S, H> {
     }
 }
 
+/// How many events end in `chunk` (`\n\n`s): one newline search, where a
+/// substring search cost three times as much per frame.
+fn event_ends(chunk: &[u8]) -> u64 {
+    let (mut n, mut from) = (0, 0);
+    while let Some(i) = memchr::memchr(b'\n', &chunk[from..]) {
+        let at = from + i;
+        if chunk.get(at + 1) == Some(&b'\n') {
+            n += 1;
+            from = at + 2;
+        } else {
+            from = at + 1;
+        }
+    }
+    n
+}
+
 /// `chunk` up to the end of its `[DONE]` event, if it holds one: what an
 /// upstream sends after its terminal event is not passed on.
 fn through_done(chunk: Bytes) -> Bytes {
     match memchr::memmem::find(&chunk, DONE_EVENT) {
         Some(i) if i + DONE_EVENT.len() < chunk.len() => chunk.slice(..i + DONE_EVENT.len()),
         _ => chunk,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_ends;
+
+    #[test]
+    fn counts_each_event_end_once() {
+        assert_eq!(event_ends(b"data: {}\n\n"), 1);
+        assert_eq!(event_ends(b"data: a\n\ndata: b\n\ndata: [DONE]\n\n"), 3);
+        assert_eq!(event_ends(b"event: x\ndata: y\n"), 0);
+        assert_eq!(event_ends(b"\n\n\n\n"), 2);
+        assert_eq!(event_ends(b"\n\n\n"), 1);
+        assert_eq!(event_ends(b""), 0);
     }
 }

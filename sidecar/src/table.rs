@@ -167,6 +167,17 @@ pub fn now_ns() -> u64 {
 }
 
 impl Table {
+    /// Whether any route chooses by load (and so needs the pods' metrics
+    /// and the peers' reports).
+    pub fn routes_by_load(&self) -> bool {
+        self.models.values().any(|r| {
+            matches!(
+                r.strategy,
+                Strategy::LeastInFlight | Strategy::PrefixAffinity
+            )
+        })
+    }
+
     #[allow(
         clippy::expect_used,
         reason = "the empty config is valid by construction"
@@ -187,7 +198,8 @@ impl Table {
                 .and_then(|p| p.backends.get(&b.id))
                 .filter(|old| old.url == b.url.trim_end_matches('/'));
             let counters = old.map(|o| o.counters.clone()).unwrap_or_default();
-            let (http, client) = match old.filter(|o| o.timeouts.connect_ms == timeouts.connect_ms) {
+            let (http, client) = match old.filter(|o| o.timeouts.connect_ms == timeouts.connect_ms)
+            {
                 Some(o) => (o.http.clone(), o.client.clone()),
                 None => (
                     crate::upstream::HttpClient::new(timeouts.connect_ms),

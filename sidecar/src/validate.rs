@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
-use crate::upstream::Chunks;
 use crate::prefix::{HeadRecorder, Role, Source};
+use crate::upstream::Chunks;
 
 /// Which endpoint a body is for. The generation endpoints have required
 /// fields the gateway checks; the others (embeddings, tokenizer, scoring)

@@ -58,7 +58,11 @@ impl Chunks {
         let parts = &self.parts[self.next..];
         match parts.iter().filter(|p| !p.is_empty()).count() {
             0 => Bytes::new(),
-            1 => parts.iter().find(|p| !p.is_empty()).cloned().unwrap_or_default(),
+            1 => parts
+                .iter()
+                .find(|p| !p.is_empty())
+                .cloned()
+                .unwrap_or_default(),
             _ => {
                 let mut out = BytesMut::with_capacity(self.remaining as usize);
                 for p in parts {

@@ -77,8 +77,7 @@ pub fn join(base: &str, path: &str) -> Option<Uri> {
 pub fn is_connect_timeout(e: &SendError) -> bool {
     let mut source = e.source();
     while let Some(s) = source {
-        if s
-            .downcast_ref::<std::io::Error>()
+        if s.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
         {
             return true;
@@ -108,7 +107,10 @@ mod tests {
         let uris = Uris::new("http://10.0.0.7:8000/prefix");
         for e in Endpoint::ALL {
             let uri = uris.get(e).unwrap();
-            assert_eq!(uri.to_string(), format!("http://10.0.0.7:8000/prefix{}", e.path()));
+            assert_eq!(
+                uri.to_string(),
+                format!("http://10.0.0.7:8000/prefix{}", e.path())
+            );
         }
         assert!(Uris::new("http://bad host").get(Endpoint::Chat).is_none());
     }
