@@ -77,7 +77,7 @@ pub(crate) async fn respond(
         let upstream = resp.into_body().into_data_stream();
         let observed =
             Observed::new(upstream, timer, first_byte, idle, exchange).with_max_bytes(max_bytes);
-        Body::from_stream(match strip {
+        Body::new(match strip {
             Some(passed) => observed.with_usage_stripped(passed),
             None => observed,
         })

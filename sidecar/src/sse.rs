@@ -46,16 +46,22 @@ pub struct SseScan {
 
 impl SseScan {
     pub fn feed(&mut self, chunk: &Bytes) {
+        self.feed_counted(chunk, None);
+    }
+
+    /// `feed`, told how many events end in `chunk` (the caller counted
+    /// them already), which spares a search in the steady state.
+    pub fn feed_counted(&mut self, chunk: &Bytes, event_ends: Option<u64>) {
         if self.overflowed || self.done {
             return;
         }
         if self.carry.is_empty() {
             if chunk.ends_with(b"\n\n") {
-                return self.complete(chunk.clone());
+                return self.complete(chunk.clone(), event_ends.map(|n| n == 1));
             }
             match EVENT_END_REV.rfind(chunk) {
                 Some(end) => {
-                    self.complete(chunk.slice(..end + 2));
+                    self.complete(chunk.slice(..end + 2), None);
                     self.carry.extend_from_slice(&chunk[end + 2..]);
                 }
                 None => self.carry.extend_from_slice(chunk),
@@ -66,7 +72,7 @@ impl SseScan {
             if let Some(end) = EVENT_END_REV.rfind(&self.carry) {
                 let region = Bytes::copy_from_slice(&self.carry[..end + 2]);
                 self.carry.drain(..end + 2);
-                self.complete(region);
+                self.complete(region, None);
             }
         }
         if self.carry.len() > MAX_CARRY {
@@ -75,13 +81,16 @@ impl SseScan {
         }
     }
 
-    /// One or more whole events.
-    fn complete(&mut self, region: Bytes) {
-        // `[DONE]` ends the region, or (rarely) the upstream sent more after
-        // it in the same chunk.
-        let done = region.ends_with(DONE_EVENT)
-            || region.starts_with(DONE_EVENT)
-            || DONE_AFTER_EVENT.find(&region).is_some();
+    /// One or more whole events; `single`: whether it is one, if known.
+    fn complete(&mut self, region: Bytes, single: Option<bool>) {
+        // One event per region is the steady state; then `[DONE]` can only
+        // be at its start or end, and the search for it after another
+        // event is spared.
+        let single =
+            single.unwrap_or_else(|| memchr::memchr(b'\n', &region) == Some(region.len() - 2));
+        let done = region.starts_with(DONE_EVENT)
+            || region.ends_with(DONE_EVENT)
+            || (!single && DONE_AFTER_EVENT.find(&region).is_some());
         let typed_end = !done && region.starts_with(b"event:") && ends_with_terminal(&region);
         if done {
             for earlier in std::mem::take(&mut self.recent) {

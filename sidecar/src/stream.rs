@@ -170,12 +170,13 @@ impl<S, H: OnEnd> Observed<S, H> {
     /// (possibly nothing yet, while the usage filter holds a partial event).
     fn pass(&mut self, chunk: Bytes) -> Bytes {
         self.frames += 1;
-        self.events += event_ends(&chunk);
+        let ends = event_ends(&chunk);
+        self.events += ends;
         if self.hook.is_none() {
             self.bytes += chunk.len() as u64;
             return chunk;
         }
-        self.scan.feed(&chunk);
+        self.scan.feed_counted(&chunk, Some(ends));
         let (hashed, passed) = match &mut self.strip {
             None => (chunk.clone(), chunk),
             Some(strip) => {
@@ -323,6 +324,27 @@ where
                 }
             }
         }
+    }
+}
+
+/// Handed to the server as a body itself (no stream adapter per frame).
+impl<S, H: OnEnd> http_body::Body for Observed<S, H>
+where
+    S: Stream<Item = Result<Bytes, hyper::Error>> + Unpin,
+{
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.poll_next(cx)
+            .map(|item| item.map(|r| r.map(http_body::Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Finished)
     }
 }
 

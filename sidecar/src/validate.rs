@@ -193,7 +193,12 @@ pub fn validate(endpoint: Endpoint, body: &[u8], max_messages: usize) -> Result<
             None,
         ));
     }
-    let parsed: Body = serde_json::from_slice(body).map_err(|e| {
+    // One vectorised UTF-8 check of the whole body; the parse then reads a
+    // `str` and checks no string again (from bytes, serde_json validated
+    // every string and raw value it met, at about 4 instructions a byte).
+    let text = simdutf8::basic::from_utf8(body)
+        .map_err(|_| ApiError::invalid("Request body is not valid JSON: it is not UTF-8.", None))?;
+    let parsed: Body = serde_json::from_str(text).map_err(|e| {
         let msg = if e.is_syntax() || e.is_eof() {
             format!("Request body is not valid JSON: {e}")
         } else {
