@@ -149,10 +149,10 @@ pub async fn forward(
                     continue;
                 }
             };
-            let (upstream_body, hop_headers) = match via {
+            let (upstream_body, onward) = match via {
                 // The peer gets the client's bytes; it resolves the alias
                 // and asks for usage itself.
-                Some(_) => {
+                Some(peer) => {
                     let signed = state.peers.hop_headers(
                         &headers,
                         &Method::POST,
@@ -160,7 +160,7 @@ pub async fn forward(
                         &request_sha256,
                         Some(target.backend.id.as_str()),
                     );
-                    (Chunks::one(body.clone()), Some(signed))
+                    (Chunks::one(body.clone()), Some((peer, signed)))
                 }
                 None => (
                     validate::upstream_body(&body, &parsed, &target.upstream_model, strip_usage),
@@ -174,10 +174,9 @@ pub async fn forward(
             };
             let outcome = send(
                 target,
-                via,
                 endpoint,
                 &headers,
-                hop_headers,
+                onward,
                 upstream_body,
                 deadline,
                 &mut timer,

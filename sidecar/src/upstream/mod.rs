@@ -39,10 +39,10 @@ pub(crate) enum Deadline {
 
 pub(crate) async fn send(
     target: &RouteTarget,
-    via: Option<&str>,
     endpoint: Endpoint,
     client_headers: &HeaderMap,
-    hop_headers: Option<HeaderMap>,
+    // The peer sidecar to go through, and the signed hop headers for it.
+    hop: Option<(&str, HeaderMap)>,
     body: Chunks,
     deadline: Deadline,
     timer: &mut Pin<Box<Sleep>>,
@@ -60,12 +60,12 @@ pub(crate) async fn send(
         _ => HeaderValue::from_static("application/json"),
     };
     headers.insert(header::CONTENT_TYPE, content_type);
-    let uri = match (via, hop_headers) {
-        (Some(peer), Some(hop)) => {
-            headers.extend(hop);
+    let uri = match hop {
+        Some((peer, hop_headers)) => {
+            headers.extend(hop_headers);
             client::join(peer, endpoint.path())
         }
-        _ => {
+        None => {
             if let Some(key) = &backend.api_key {
                 headers.insert(header::AUTHORIZATION, key.clone());
             }
