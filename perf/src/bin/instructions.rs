@@ -451,3 +451,43 @@ async fn main() {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(chat: f64, frame: f64, prompt: f64) -> Value {
+        json!({"chat": {"ratio": chat}, "stream_frame": {"ratio": frame}, "prompt_150k": {"ratio": prompt}})
+    }
+
+    #[test]
+    fn the_gate_fails_a_ratio_more_than_five_percent_heavier() {
+        let stored = figures(1.00, 1.20, 6.00);
+        assert!(regressions(&stored, &figures(1.04, 1.20, 6.00)).is_empty());
+        assert!(regressions(&stored, &figures(0.80, 1.10, 5.00)).is_empty());
+        let worse = regressions(&stored, &figures(1.06, 1.20, 6.40));
+        assert_eq!(worse.len(), 2, "{worse:?}");
+        assert!(worse[0].starts_with("chat:") && worse[1].starts_with("prompt_150k:"));
+    }
+
+    #[test]
+    fn the_gate_fails_when_nothing_is_stored_to_compare_with() {
+        let worse = regressions(&json!({}), &figures(1.0, 1.0, 1.0));
+        assert_eq!(worse.len(), 3);
+    }
+
+    #[test]
+    fn sha_self_cost_is_read_from_a_dump_and_calls_are_not_counted_twice() {
+        let dir = std::env::temp_dir().join(format!("ig-dump-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("callgrind.out");
+        std::fs::write(
+            &path,
+            "events: Ir\nfn=main\n0 100\ncfn=sha2::sha256::compress\ncalls=1 0\n0 50\n\
+             fn=sha2::sha256::compress\n0 50\nfn=other\n0 7\nsummary: 157\n",
+        )
+        .unwrap();
+        assert_eq!(read_dump(&path), (157, 50));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
