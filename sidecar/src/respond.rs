@@ -74,7 +74,7 @@ pub(crate) async fn respond(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let body = if is_sse {
         let first_byte = Duration::from_millis(timeouts.first_byte_ms);
-        let upstream = resp.into_body().into_data_stream();
+        let upstream = resp.into_body();
         let observed =
             Observed::new(upstream, timer, first_byte, idle, exchange).with_max_bytes(max_bytes);
         Body::new(match strip {
