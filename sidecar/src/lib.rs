@@ -34,6 +34,7 @@ pub mod responses;
 pub mod serve;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod sse;
+pub mod store;
 pub mod stream;
 pub mod table;
 pub mod tee;

@@ -49,8 +49,9 @@ impl EndCause {
 
 pub struct End {
     pub cause: EndCause,
-    /// SHA-256 of every byte the client was handed.
-    pub response_sha256: [u8; 32],
+    /// SHA-256 of every byte the client was handed (unless not hashed:
+    /// see `Observed::hashing`).
+    pub response_sha256: Option<[u8; 32]>,
     pub bytes: u64,
     pub frames: u64,
     /// SSE events the upstream sent (streams only), for usage estimates.
@@ -79,7 +80,7 @@ pub struct Observed<H: OnEnd> {
     idle: Duration,
     /// An answer larger than this is cut with an error frame.
     max_bytes: u64,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     scan: SseScan,
     bytes: u64,
     frames: u64,
@@ -108,7 +109,7 @@ impl<H: OnEnd> Observed<H> {
             timer: Box::pin(tokio::time::sleep(first_byte)),
             active: false,
             idle,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             scan: SseScan::default(),
             bytes: 0,
             frames: 0,
@@ -136,11 +137,20 @@ impl<H: OnEnd> Observed<H> {
         self
     }
 
+    /// `false`: the bytes are not hashed (an answer nobody signs), and the
+    /// end has no `response_sha256`.
+    pub fn hashing(mut self, on: bool) -> Self {
+        if !on {
+            self.hasher = None;
+        }
+        self
+    }
+
     fn fire(&mut self, cause: EndCause) {
         if let Some(hook) = self.hook.take() {
             hook.on_end(End {
                 cause,
-                response_sha256: std::mem::take(&mut self.hasher).finalize().into(),
+                response_sha256: self.hasher.take().map(|h| h.finalize().into()),
                 bytes: self.bytes,
                 frames: self.frames,
                 events: self.events,
@@ -178,7 +188,9 @@ impl<H: OnEnd> Observed<H> {
             (hashed, passed)
         };
         self.bytes += passed.len() as u64;
-        self.hasher.update(&hashed);
+        if let Some(h) = &mut self.hasher {
+            h.update(&hashed);
+        }
         if self.scan.done {
             self.fire(EndCause::Completed);
         }
@@ -190,8 +202,9 @@ impl<H: OnEnd> Observed<H> {
         let Some(tail) = self.strip.as_mut().map(UsageStrip::finish) else {
             return Bytes::new();
         };
-        if self.hook.is_some() {
-            self.hasher.update(&tail);
+        // (After the end fired there is no hasher left.)
+        if let Some(h) = &mut self.hasher {
+            h.update(&tail);
         }
         if self.strip_passed {
             self.bytes += tail.len() as u64;

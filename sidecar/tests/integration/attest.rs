@@ -120,3 +120,38 @@ async fn report_carries_the_tee_quote_from_a_command_with_the_nonce() {
     assert_eq!(report["intel_quote"], expected.as_str());
     assert_eq!(report["tee"]["source"], "command");
 }
+
+/// The stream path hashes exactly what it passes on, and, for an answer
+/// nobody signs, hashes nothing and passes on the same bytes.
+#[tokio::test]
+async fn a_stream_nobody_signs_is_passed_on_unhashed() {
+    use futures_util::StreamExt;
+    use infergate_sidecar::stream::{End, Observed, OnEnd};
+    use sha2::{Digest, Sha256};
+
+    struct Keep(tokio::sync::oneshot::Sender<End>);
+    impl OnEnd for Keep {
+        fn on_end(self, end: End) {
+            let _ = self.0.send(end);
+        }
+    }
+    let frames = [
+        "data: {\"id\":\"chatcmpl-1\",\"choices\":[]}\n\n",
+        "data: {\"id\":\"chatcmpl-1\",\"choices\":[]}\n\ndata: [DONE]\n\n",
+    ];
+    for hashing in [true, false] {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let upstream = futures_util::stream::iter(frames.map(|f| Ok(bytes::Bytes::from(f))));
+        let second = std::time::Duration::from_secs(1);
+        let passed: Vec<u8> = Observed::new(Box::pin(upstream), second, second, Keep(tx))
+            .hashing(hashing)
+            .map(|chunk| chunk.unwrap().to_vec())
+            .concat()
+            .await;
+        assert_eq!(passed, frames.concat().as_bytes());
+        let end = rx.await.unwrap();
+        let expected = hashing.then(|| <[u8; 32]>::from(Sha256::digest(&passed)));
+        assert_eq!(end.response_sha256, expected);
+        assert_eq!(end.scan.id.as_deref(), Some("chatcmpl-1"));
+    }
+}
