@@ -204,7 +204,6 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
         usage: args.usage_log,
         quota_redis: args.quota_redis,
         log_level: Some(log_level),
-        ..Options::default()
     };
     let state = AppState::new(config, options)?;
     if let Some(path) = args.config.clone() {
