@@ -293,6 +293,15 @@ impl Records {
         self.store.with(id, |e| e.record.clone())
     }
 
+    /// Records held now.
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
     /// The `algo` signature of the answer `id` hashed as `request` and
     /// `response` (as read from its record), signed now if this is the
     /// first ask, outside the store's lock, and then kept in the record.
