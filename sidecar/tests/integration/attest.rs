@@ -89,6 +89,28 @@ async fn unattested_backends_and_cut_streams_say_why_there_is_no_signature() {
 }
 
 #[tokio::test]
+async fn a_full_record_store_keeps_every_new_answer_and_drops_the_oldest() {
+    // A frequency-admitting cache (moka's TinyLFU) refused new records once
+    // full: an answer not asked about at once lost its signature.
+    let sim = simulator("s0", 1, 0).await;
+    let options = Options {
+        records_capacity: Some(20),
+        ..Options::default()
+    };
+    let gw = gateway_with(config(&[&sim.url], "", ""), options).await;
+    let mut ids = Vec::new();
+    for _ in 0..60 {
+        ids.push(answer_id(&gw, false, &[]).await);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let (status, sig) = get(&gw, KEY, &format!("/v1/signature/{id}")).await;
+        let expected = if i < 40 { 404 } else { 200 };
+        assert_eq!(status, expected, "answer {i}: {sig}");
+    }
+    assert_eq!(gw.state.records.len(), 20);
+}
+
+#[tokio::test]
 async fn report_carries_the_tee_quote_from_a_command_with_the_nonce() {
     let sim = simulator("s0", 1, 0).await;
     let options = Options {
