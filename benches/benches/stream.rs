@@ -22,8 +22,8 @@ impl OnEnd for Keep {
 
 fn upstream(
     frames: Vec<Bytes>,
-) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + Send>> {
-    Box::pin(futures_util::stream::iter(frames.into_iter().map(Ok)))
+) -> impl futures_util::Stream<Item = Result<Bytes, hyper::Error>> + Unpin {
+    futures_util::stream::iter(frames.into_iter().map(Ok))
 }
 
 fn sse_passthrough(c: &mut Criterion) {
@@ -41,6 +41,7 @@ fn sse_passthrough(c: &mut Criterion) {
                 rt.block_on(async {
                     let mut s = Observed::new(
                         upstream(frames),
+                        Box::pin(tokio::time::sleep(Duration::from_secs(60))),
                         Duration::from_secs(60),
                         Duration::from_secs(30),
                         Keep,

@@ -141,6 +141,11 @@ pub async fn poll_once(state: &AppState) {
 /// Every peer's report and, if `metrics`, every own pod's metrics, at once.
 async fn poll(state: &AppState, metrics: bool) {
     let table = state.table.load_full();
+    // Only load-aware routes read these signals; without one, a sidecar
+    // does no background work at all.
+    if !table.routes_by_load() {
+        return;
+    }
     let peers = &state.peers;
     let deadline = Duration::from_millis(4 * PEER_PERIOD_MS);
     let pods = local(&table, peers)

@@ -24,7 +24,7 @@ use crate::metrics::ErrorLabels;
 use crate::peers::{self, Reach};
 use crate::respond::respond;
 use crate::table::{now_ms, now_ns, Backend, KeyEntry, Route, Table};
-use crate::upstream::{send, Deadline, Failure};
+use crate::upstream::{send, Chunks, Deadline, Failure};
 use crate::validate::{self, Endpoint, Parsed};
 use crate::AppState;
 
@@ -64,11 +64,16 @@ pub async fn forward(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge(limit));
     }
+    // The request's one timer: the body's deadline now, then each
+    // upstream attempt's, then the answer's first-byte and idle deadlines.
     let read_deadline = Duration::from_millis(table.limits.body_read_ms);
-    let body = match tokio::time::timeout(read_deadline, axum::body::to_bytes(body, limit)).await {
-        Err(_) => return Err(ApiError::BodyTimeout),
-        Ok(Err(_)) => return Err(ApiError::BodyTooLarge(limit)),
-        Ok(Ok(body)) => body,
+    let mut timer = Box::pin(tokio::time::sleep(read_deadline));
+    let body = tokio::select! {
+        biased;
+        body = axum::body::to_bytes(body, limit) => {
+            body.map_err(|_| ApiError::BodyTooLarge(limit))?
+        }
+        () = timer.as_mut() => return Err(ApiError::BodyTimeout),
     };
     // The body is hashed only where that is needed, and once: to check a
     // hop's body, to sign a hop to a peer, or for an answer signed here.
@@ -146,10 +151,10 @@ pub async fn forward(
                     continue;
                 }
             };
-            let (upstream_body, hop_headers) = match via {
+            let (upstream_body, onward) = match via {
                 // The peer gets the client's bytes; it resolves the alias
                 // and asks for usage itself.
-                Some(_) => {
+                Some(peer) => {
                     let signed = state.peers.hop_headers(
                         &headers,
                         &Method::POST,
@@ -157,7 +162,7 @@ pub async fn forward(
                         request_sha256.get_or_insert_with(|| sha256(&body)),
                         Some(target.backend.id.as_str()),
                     );
-                    (body.clone(), Some(signed))
+                    (Chunks::one(body.clone()), Some((peer, signed)))
                 }
                 None => (
                     validate::upstream_body(&body, &parsed, &target.upstream_model, strip_usage),
@@ -171,12 +176,12 @@ pub async fn forward(
             };
             let outcome = send(
                 target,
-                via,
                 endpoint,
                 &headers,
-                hop_headers,
+                onward,
                 upstream_body,
                 deadline,
+                &mut timer,
             )
             .await;
             match outcome {
@@ -184,7 +189,7 @@ pub async fn forward(
                     // The upstream is done with this request: another
                     // backend may try, and nothing runs twice at once.
                     let status = resp.status();
-                    fail(&state, &table, &target.backend, "status_5xx");
+                    fail(&state, &table, &target.backend, "status_5xx", &request_id);
                     last_error = Some(ApiError::Upstream(format!(
                         "backend {} answered HTTP {}",
                         target.backend.id,
@@ -224,14 +229,14 @@ pub async fn forward(
                     // removes it from what its client gets.
                     let strip = strip_usage.then_some(hop.is_none());
                     let max_bytes = table.limits.max_response_bytes;
-                    return respond(resp, exchange, strip, max_bytes).await;
+                    return respond(resp, timer, exchange, strip, max_bytes).await;
                 }
                 Err(Failure::NotStarted(kind, err)) => {
-                    fail(&state, &table, &target.backend, kind);
+                    fail(&state, &table, &target.backend, kind, &request_id);
                     last_error = Some(err);
                 }
                 Err(Failure::MayHaveStarted(kind, err)) => {
-                    fail(&state, &table, &target.backend, kind);
+                    fail(&state, &table, &target.backend, kind, &request_id);
                     return Err(err);
                 }
                 Err(Failure::Slow(kind, err)) => {
@@ -396,10 +401,15 @@ fn session_key<'a>(route: &Route, headers: &'a HeaderMap, parsed: &'a Parsed) ->
 }
 
 /// A failure of the backend: counted, and the backend ejected for a while.
-fn fail(state: &AppState, table: &Table, backend: &Backend, kind: &'static str) {
+fn fail(state: &AppState, table: &Table, backend: &Backend, kind: &'static str, request_id: &str) {
     backend.record_failure(Duration::from_millis(table.limits.eject_ms));
     count(state, backend, kind);
-    tracing::warn!(backend = %backend.id, kind, "upstream failed; backend ejected for a while");
+    tracing::warn!(
+        request_id,
+        backend = %backend.id,
+        kind,
+        "upstream failed; backend ejected for a while"
+    );
 }
 
 fn count(state: &AppState, backend: &Backend, kind: &'static str) {

@@ -2,18 +2,23 @@
 //! body passed through while it is observed (SSE) or collected whole, each
 //! ending in the exchange's one `on_end`.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Response};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
+use tokio::time::{Instant, Sleep};
 
 use crate::error::ApiError;
 use crate::exchange::Exchange;
 use crate::sse;
-use crate::stream::{error_kind, End, EndCause, Observed, OnEnd};
+use crate::stream::{End, EndCause, Observed, OnEnd};
+use crate::upstream::client::body_error_kind;
+use crate::upstream::Answer;
 
 /// Largest non-streamed upstream body the gateway will hold.
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
@@ -30,8 +35,10 @@ fn response_header_passes(name: &HeaderName) -> bool {
 
 /// `strip`: the usage event the client did not ask for is left out of the
 /// hash, and also of the bytes passed on when `Some(true)`.
+/// `timer` is the request's one timer, re-armed for the body's deadlines.
 pub(crate) async fn respond(
-    resp: reqwest::Response,
+    resp: Answer,
+    timer: Pin<Box<Sleep>>,
     exchange: Exchange,
     strip: Option<bool>,
     max_bytes: u64,
@@ -69,15 +76,16 @@ pub(crate) async fn respond(
     let hash = exchange.attests();
     let body = if is_sse {
         let first_byte = Duration::from_millis(timeouts.first_byte_ms);
-        let observed = Observed::new(Box::pin(resp.bytes_stream()), first_byte, idle, exchange)
+        let upstream = resp.into_body().into_data_stream();
+        let observed = Observed::new(upstream, timer, first_byte, idle, exchange)
             .with_max_bytes(max_bytes)
             .hashing(hash);
-        Body::from_stream(match strip {
+        Body::new(match strip {
             Some(passed) => observed.with_usage_stripped(passed),
             None => observed,
         })
     } else {
-        let bytes = collect(resp, idle, max_bytes, &exchange).await?;
+        let bytes = collect(resp, timer, idle, max_bytes, &exchange).await?;
         exchange.on_end(End {
             cause: EndCause::Completed,
             response_sha256: hash.then(|| Sha256::digest(&bytes).into()),
@@ -98,41 +106,65 @@ pub(crate) async fn respond(
 
 /// A non-streamed body, each chunk within the idle deadline, size bounded.
 async fn collect(
-    resp: reqwest::Response,
+    resp: Answer,
+    mut timer: Pin<Box<Sleep>>,
     idle: Duration,
     max_bytes: u64,
     exchange: &Exchange,
 ) -> Result<Bytes, ApiError> {
     let max_bytes = max_bytes.min(MAX_UPSTREAM_BODY as u64) as usize;
-    let capacity = resp.content_length().unwrap_or(0).min(max_bytes as u64) as usize;
-    let mut out = Vec::with_capacity(capacity);
-    let mut stream = resp.bytes_stream();
+    let count = |kind| exchange.count_upstream_error(kind);
+    let too_large = || {
+        count("too_large");
+        ApiError::Upstream("backend answer exceeds the size bound".into())
+    };
+    let declared = resp.body().size_hint().exact();
+    if declared.is_some_and(|n| n > max_bytes as u64) {
+        return Err(too_large());
+    }
+    let mut body = resp.into_body();
+    // A body of one frame (the usual answer) is passed on as it came.
+    let mut first: Option<Bytes> = None;
+    let mut out = Vec::new();
+    timer.as_mut().reset(Instant::now() + idle);
     loop {
-        let count = |kind| exchange.count_upstream_error(kind);
-        match tokio::time::timeout(idle, stream.next()).await {
-            Ok(None) => return Ok(Bytes::from(out)),
-            Ok(Some(Ok(chunk))) => {
-                if out.len() + chunk.len() > max_bytes {
-                    count("too_large");
-                    return Err(ApiError::Upstream(
-                        "backend answer exceeds the size bound".into(),
-                    ));
-                }
-                out.extend_from_slice(&chunk);
+        let frame = tokio::select! {
+            biased;
+            frame = body.frame() => frame,
+            () = timer.as_mut() => {
+                count("idle_timeout");
+                return Err(ApiError::UpstreamTimeout("waiting for the rest of the body"));
             }
-            Ok(Some(Err(e))) => {
+        };
+        let chunk = match frame {
+            None => break,
+            Some(Err(e)) => {
                 count("body");
                 return Err(ApiError::Upstream(format!(
                     "backend connection failed mid-body ({})",
-                    error_kind(&e)
+                    body_error_kind(&e)
                 )));
             }
-            Err(_) => {
-                count("idle_timeout");
-                return Err(ApiError::UpstreamTimeout(
-                    "waiting for the rest of the body",
-                ));
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(chunk) => chunk,
+                Err(_trailers) => continue,
+            },
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + out.len();
+        if held + chunk.len() > max_bytes {
+            return Err(too_large());
+        }
+        match first.take() {
+            None if out.is_empty() => first = Some(chunk),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    out.reserve(declared.unwrap_or(0) as usize);
+                    out.extend_from_slice(&earlier);
+                }
+                out.extend_from_slice(&chunk);
             }
         }
+        timer.as_mut().reset(Instant::now() + idle);
     }
+    Ok(first.unwrap_or_else(|| Bytes::from(out)))
 }

@@ -115,7 +115,13 @@ async fn by_id(
             ApiError::Upstream(format!(
                 "backend {} unreachable ({})",
                 backend.id,
-                crate::stream::error_kind(&e)
+                if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connect"
+                } else {
+                    "transport"
+                }
             ))
         })?;
     Ok(passthrough(resp, table.limits.max_response_bytes).await)

@@ -122,7 +122,10 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_timeout)
-        .max_header_size(options.max_header_bytes);
+        .max_header_size(options.max_header_bytes)
+        // Streamed frames are small: copying one into the write buffer costs
+        // less than queueing it for a vectored write (BENCHMARKS.md).
+        .writev(false);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

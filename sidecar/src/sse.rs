@@ -46,16 +46,22 @@ pub struct SseScan {
 
 impl SseScan {
     pub fn feed(&mut self, chunk: &Bytes) {
+        self.feed_counted(chunk, None);
+    }
+
+    /// `feed`, told how many events end in `chunk` (the caller counted
+    /// them already), which spares a search in the steady state.
+    pub fn feed_counted(&mut self, chunk: &Bytes, event_ends: Option<u64>) {
         if self.overflowed || self.done {
             return;
         }
         if self.carry.is_empty() {
             if chunk.ends_with(b"\n\n") {
-                return self.complete(chunk.clone());
+                return self.complete(chunk.clone(), event_ends.map(|n| n == 1));
             }
             match EVENT_END_REV.rfind(chunk) {
                 Some(end) => {
-                    self.complete(chunk.slice(..end + 2));
+                    self.complete(chunk.slice(..end + 2), None);
                     self.carry.extend_from_slice(&chunk[end + 2..]);
                 }
                 None => self.carry.extend_from_slice(chunk),
@@ -66,7 +72,7 @@ impl SseScan {
             if let Some(end) = EVENT_END_REV.rfind(&self.carry) {
                 let region = Bytes::copy_from_slice(&self.carry[..end + 2]);
                 self.carry.drain(..end + 2);
-                self.complete(region);
+                self.complete(region, None);
             }
         }
         if self.carry.len() > MAX_CARRY {
@@ -75,13 +81,16 @@ impl SseScan {
         }
     }
 
-    /// One or more whole events.
-    fn complete(&mut self, region: Bytes) {
-        // `[DONE]` ends the region, or (rarely) the upstream sent more after
-        // it in the same chunk.
-        let done = region.ends_with(DONE_EVENT)
-            || region.starts_with(DONE_EVENT)
-            || DONE_AFTER_EVENT.find(&region).is_some();
+    /// One or more whole events; `single`: whether it is one, if known.
+    fn complete(&mut self, region: Bytes, single: Option<bool>) {
+        // One event per region is the steady state; then `[DONE]` can only
+        // be at its start or end, and the search for it after another
+        // event is spared.
+        let single =
+            single.unwrap_or_else(|| memchr::memchr(b'\n', &region) == Some(region.len() - 2));
+        let done = region.starts_with(DONE_EVENT)
+            || region.ends_with(DONE_EVENT)
+            || (!single && DONE_AFTER_EVENT.find(&region).is_some());
         let typed_end = !done && region.starts_with(b"event:") && ends_with_terminal(&region);
         if done {
             for earlier in std::mem::take(&mut self.recent) {
@@ -222,7 +231,43 @@ impl From<WireUsage> for Usage {
 }
 
 /// What a non-streamed JSON response body says about itself.
+///
+/// Read by looking for three keys instead of parsing the answer (whose
+/// text is most of its bytes): a JSON string escapes its quotes, so
+/// `"usage":` or `"finish_reason":` in the bytes is a key, never content.
+/// The id must be the object's first member, as vLLM and OpenAI write it;
+/// any other shape is parsed in full.
 pub fn scan_json(body: &[u8]) -> SseScan {
+    let mut scan = SseScan {
+        done: true,
+        ..SseScan::default()
+    };
+    let Some(id) = leading_id(body) else {
+        return parse_json(body);
+    };
+    scan.id = Some(id);
+    // The last `"usage"` that is a key (a value `"usage"` has no colon).
+    let mut end = body.len();
+    while let Some(i) = USAGE_KEY_REV.rfind(&body[..end]) {
+        if let Some(value) = member_value(&body[i + USAGE_KEY.len()..]) {
+            scan.usage = serde_json::from_slice::<WireUsage>(value)
+                .ok()
+                .map(Into::into);
+            break;
+        }
+        end = i;
+    }
+    scan.finish_reason = FINISH_KEY.find_iter(body).find_map(|i| {
+        let value = member_value(&body[i + FINISH_KEY.needle().len()..])?;
+        serde_json::from_slice::<Option<String>>(value)
+            .ok()
+            .flatten()
+    });
+    scan
+}
+
+/// The same, by parsing the whole answer.
+fn parse_json(body: &[u8]) -> SseScan {
     let mut scan = SseScan {
         done: true,
         ..SseScan::default()
@@ -233,6 +278,67 @@ pub fn scan_json(body: &[u8]) -> SseScan {
         scan.usage = d.usage.map(Into::into);
     }
     scan
+}
+
+const USAGE_KEY: &[u8] = b"\"usage\"";
+static USAGE_KEY_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(USAGE_KEY));
+static FINISH_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finish_reason\""));
+
+/// After a quoted key: its value, if a colon follows (else it was a value).
+fn member_value(after_key: &[u8]) -> Option<&[u8]> {
+    let rest = skip_ws(after_key).strip_prefix(b":")?;
+    Some(json_value_at(rest))
+}
+
+/// The value of `{"id": "..."` when `id` is the first member and a plain
+/// string (no escapes).
+fn leading_id(body: &[u8]) -> Option<String> {
+    let rest = skip_ws(body).strip_prefix(b"{")?;
+    let rest = skip_ws(rest).strip_prefix(b"\"id\"")?;
+    let rest = skip_ws(skip_ws(rest).strip_prefix(b":")?).strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok().map(str::to_owned)
+}
+
+fn skip_ws(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .position(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        .unwrap_or(b.len());
+    &b[n..]
+}
+
+/// The JSON value that starts `b` (after whitespace): an object up to its
+/// matching brace, else up to the next `,` or `}` (scalars). Strings inside
+/// an object are stepped over, so braces in them do not count.
+fn json_value_at(b: &[u8]) -> &[u8] {
+    let b = skip_ws(b);
+    if b.first() != Some(&b'{') {
+        let end = memchr::memchr2(b',', b'}', b).unwrap_or(b.len());
+        return &b[..end];
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &c) in b.iter().enumerate() {
+        match (in_string, c) {
+            (true, _) if escaped => escaped = false,
+            (true, b'\\') => escaped = true,
+            (true, b'"') => in_string = false,
+            (true, _) => {}
+            (false, b'"') => in_string = true,
+            (false, b'{') => depth += 1,
+            (false, b'}') => {
+                depth -= 1;
+                if depth == 0 {
+                    return &b[..=i];
+                }
+            }
+            _ => {}
+        }
+    }
+    b
 }
 
 /// One SSE frame carrying an OpenAI error body; ends a stream that failed
@@ -249,6 +355,48 @@ pub fn error_frame(message: String, code: &str) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key search reads what a full parse reads, on the shapes upstreams
+    /// send and on the ones built to fool it.
+    #[test]
+    fn scanning_a_json_answer_agrees_with_parsing_it() {
+        let answers = [
+            // vLLM's chat answer, as the simulator writes it.
+            r#"{"id":"chatcmpl-a2f4","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"tok0 "},"finish_reason":"stop","stop_reason":null}],"usage":{"prompt_tokens":1,"total_tokens":4,"completion_tokens":3,"prompt_tokens_details":null},"prompt_logprobs":null}"#,
+            // Content that spells the keys (escaped, so not keys).
+            r#"{"id":"c1","choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":99} and \"finish_reason\":\"x\" {"},"finish_reason":"length"}],"usage":{"prompt_tokens":5,"completion_tokens":7}}"#,
+            // Two choices, the first unfinished; whitespace everywhere.
+            r#"{ "id" : "c2" ,
+              "choices": [{"finish_reason": null}, {"finish_reason" : "stop"}],
+              "usage" : { "prompt_tokens" : 2 , "completion_tokens" : 3 } }"#,
+            // The Responses API's names.
+            r#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":11,"output_tokens":4,"total_tokens":15}}"#,
+            // The id not first: parsed in full.
+            r#"{"object":"chat.completion","choices":[{"message":{"tool_calls":[{"id":"call_1"}]},"finish_reason":"tool_calls"}],"id":"c3"}"#,
+            // An id with an escape: parsed in full.
+            r#"{"id":"c\u0034","choices":[]}"#,
+            // "usage" also as a value, after the member; usage null.
+            r#"{"id":"c6","usage":{"prompt_tokens":1,"completion_tokens":2},"kind":"usage"}"#,
+            r#"{"id":"c7","choices":[{"finish_reason":"stop"}],"usage":null}"#,
+            // No usage, no choices; not JSON at all.
+            r#"{"id":"c5"}"#,
+            "upstream error page",
+        ];
+        for a in answers {
+            let (fast, full) = (scan_json(a.as_bytes()), parse_json(a.as_bytes()));
+            assert_eq!(fast.id, full.id, "{a}");
+            assert_eq!(fast.usage, full.usage, "{a}");
+            assert_eq!(fast.finish_reason, full.finish_reason, "{a}");
+        }
+        assert_eq!(scan_json(answers[4].as_bytes()).id.as_deref(), Some("c3"));
+        assert_eq!(
+            scan_json(answers[1].as_bytes()).usage,
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 7
+            })
+        );
+    }
 
     const CHAT: &[&str] = &[
         "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",

@@ -88,8 +88,13 @@ pub struct Backend {
     /// The in-flight gauge handle, bound on first use.
     pub in_flight_gauge: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
     /// Per backend so each gets its own connect deadline; kept across swaps
-    /// (with its connection pool) while URL and deadline stay the same.
+    /// (with their connection pools) while URL and deadline stay the same.
+    /// `http` carries the proxied requests; `client` the side traffic
+    /// (metrics polls, stored-response look-ups).
+    pub http: crate::upstream::HttpClient,
     client: reqwest::Client,
+    /// The proxied requests' URIs, parsed once.
+    pub uris: crate::upstream::Uris,
 }
 
 #[derive(Default)]
@@ -164,6 +169,17 @@ pub fn now_ns() -> u64 {
 }
 
 impl Table {
+    /// Whether any route chooses by load (and so needs the pods' metrics
+    /// and the peers' reports).
+    pub fn routes_by_load(&self) -> bool {
+        self.models.values().any(|r| {
+            matches!(
+                r.strategy,
+                Strategy::LeastInFlight | Strategy::PrefixAffinity
+            )
+        })
+    }
+
     #[allow(
         clippy::expect_used,
         reason = "the empty config is valid by construction"
@@ -184,10 +200,14 @@ impl Table {
                 .and_then(|p| p.backends.get(&b.id))
                 .filter(|old| old.url == b.url.trim_end_matches('/'));
             let counters = old.map(|o| o.counters.clone()).unwrap_or_default();
-            let client = match old.filter(|o| o.timeouts.connect_ms == timeouts.connect_ms) {
-                Some(o) => o.client.clone(),
-                None => upstream_client(timeouts.connect_ms)
-                    .map_err(|e| ConfigError::Invalid(format!("backends[{}]: {e}", b.id)))?,
+            let (http, client) = match old.filter(|o| o.timeouts.connect_ms == timeouts.connect_ms)
+            {
+                Some(o) => (o.http.clone(), o.client.clone()),
+                None => (
+                    crate::upstream::HttpClient::new(timeouts.connect_ms),
+                    upstream_client(timeouts.connect_ms)
+                        .map_err(|e| ConfigError::Invalid(format!("backends[{}]: {e}", b.id)))?,
+                ),
             };
             let api_key = match b.api_key_file.as_deref().map(read_api_key) {
                 None => None,
@@ -214,7 +234,9 @@ impl Table {
                     id_hash: xxhash_rust::xxh3::xxh3_64(b.id.as_str().as_bytes()),
                     counters,
                     in_flight_gauge: std::sync::OnceLock::new(),
+                    http,
                     client,
+                    uris: crate::upstream::Uris::new(b.url.trim_end_matches('/')),
                 }),
             );
         }

@@ -390,6 +390,31 @@ fn example_workload_keeps_the_admin_port_private() {
     let args = sidecar.args.clone().unwrap();
     assert_flags_exist(&crate::testbed::sidecar_bin(), &args, &[]);
     assert!(args.contains(&"--admin-listen=0.0.0.0:9090".to_owned()));
+    // Worker threads sized for a sidecar, not for every core of the node.
+    let env = sidecar.env.clone().unwrap();
+    let workers = env.iter().find(|e| e.name == "TOKIO_WORKER_THREADS");
+    assert_eq!(workers.and_then(|e| e.value.as_deref()), Some("2"));
+    let limited = render(
+        &helm,
+        &[
+            "example.enabled=true",
+            "example.sidecar.resources.limits.cpu=3",
+        ],
+    );
+    let vllm = of_kind(&limited, "Deployment")
+        .find(|d| name(d) == "vllm")
+        .unwrap();
+    let spec = pod_spec(vllm);
+    let env = container(&spec, "infergate").env.clone().unwrap();
+    let workers = env
+        .iter()
+        .find(|e| e.name == "TOKIO_WORKER_THREADS")
+        .unwrap();
+    let field = workers
+        .value_from
+        .as_ref()
+        .and_then(|v| v.resource_field_ref.as_ref());
+    assert_eq!(field.map(|f| f.resource.as_str()), Some("limits.cpu"));
     // Probes on the admin port.
     for probe in [&sidecar.readiness_probe, &sidecar.liveness_probe] {
         let port = &probe.as_ref().unwrap().http_get.as_ref().unwrap().port;

@@ -145,7 +145,7 @@ fn a_duplicated_model_is_a_400_not_a_guess() {
 fn ask_usage(raw: &str) -> String {
     let body = Bytes::copy_from_slice(raw.as_bytes());
     let p = validate(Endpoint::Chat, &body, 4).unwrap();
-    String::from_utf8(upstream_body(&body, &p, "up", true).to_vec()).unwrap()
+    String::from_utf8(upstream_body(&body, &p, "up", true).concat().to_vec()).unwrap()
 }
 
 #[test]

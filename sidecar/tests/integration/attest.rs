@@ -165,7 +165,8 @@ async fn a_stream_nobody_signs_is_passed_on_unhashed() {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let upstream = futures_util::stream::iter(frames.map(|f| Ok(bytes::Bytes::from(f))));
         let second = std::time::Duration::from_secs(1);
-        let passed: Vec<u8> = Observed::new(Box::pin(upstream), second, second, Keep(tx))
+        let timer = Box::pin(tokio::time::sleep(second));
+        let passed: Vec<u8> = Observed::new(upstream, timer, second, second, Keep(tx))
             .hashing(hashing)
             .map(|chunk| chunk.unwrap().to_vec())
             .concat()

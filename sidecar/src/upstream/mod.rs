@@ -2,15 +2,22 @@
 //! which client headers go on, the deadline until the answer's headers, and
 //! how a failure is classed for the retry policy.
 
+use std::pin::Pin;
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
-use bytes::Bytes;
+use tokio::time::{Instant, Sleep};
+
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
 
 use crate::error::ApiError;
-use crate::stream::error_kind;
 use crate::table::RouteTarget;
 use crate::validate::Endpoint;
+
+pub mod body;
+pub mod client;
+
+pub use body::Chunks;
+pub use client::{Answer, HttpClient, Uris};
 
 /// How a request to a backend failed, by what it means for a retry.
 pub(crate) enum Failure {
@@ -32,13 +39,14 @@ pub(crate) enum Deadline {
 
 pub(crate) async fn send(
     target: &RouteTarget,
-    via: Option<&str>,
     endpoint: Endpoint,
     client_headers: &HeaderMap,
-    hop_headers: Option<HeaderMap>,
-    body: Bytes,
+    // The peer sidecar to go through, and the signed hop headers for it.
+    hop: Option<(&str, HeaderMap)>,
+    body: Chunks,
     deadline: Deadline,
-) -> Result<reqwest::Response, Failure> {
+    timer: &mut Pin<Box<Sleep>>,
+) -> Result<Answer, Failure> {
     let backend = &target.backend;
     let mut headers = HeaderMap::with_capacity(client_headers.len() + 3);
     for (name, value) in client_headers {
@@ -52,24 +60,29 @@ pub(crate) async fn send(
         _ => HeaderValue::from_static("application/json"),
     };
     headers.insert(header::CONTENT_TYPE, content_type);
-    let base = match (via, hop_headers) {
-        (Some(peer), Some(hop)) => {
-            headers.extend(hop);
-            peer
+    let uri = match hop {
+        Some((peer, hop_headers)) => {
+            headers.extend(hop_headers);
+            client::join(peer, endpoint.path())
         }
-        _ => {
+        None => {
             if let Some(key) = &backend.api_key {
                 headers.insert(header::AUTHORIZATION, key.clone());
             }
-            &backend.url
+            backend.uris.get(endpoint)
         }
     };
-    let request = backend
-        .client()
-        .post(format!("{base}{}", endpoint.path()))
-        .headers(headers)
-        .body(body)
-        .send();
+    let Some(uri) = uri else {
+        return Err(Failure::NotStarted(
+            "connect",
+            ApiError::Upstream(format!("backend {} has no valid URL", backend.id)),
+        ));
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    let request = backend.http.request(request);
     let (ms, kind, what) = match deadline {
         Deadline::FirstByte(ms) => (ms, "first_byte_timeout", "waiting for the first byte"),
         Deadline::Total(ms) => (ms, "total_timeout", "waiting for the answer"),
@@ -77,28 +90,30 @@ pub(crate) async fn send(
     let answer = if ms == 0 {
         Ok(request.await)
     } else {
-        tokio::time::timeout(Duration::from_millis(ms), request).await
+        timer
+            .as_mut()
+            .reset(Instant::now() + Duration::from_millis(ms));
+        tokio::select! {
+            biased;
+            answer = request => Ok(answer),
+            () = timer.as_mut() => Err(()),
+        }
     };
     match answer {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) if e.is_connect() => Err(Failure::NotStarted(
-            if e.is_timeout() {
+            if client::is_connect_timeout(&e) {
                 "connect_timeout"
             } else {
                 "connect"
             },
-            ApiError::Upstream(format!(
-                "backend {} unreachable ({})",
-                backend.id,
-                error_kind(&e)
-            )),
+            ApiError::Upstream(format!("backend {} unreachable (connect)", backend.id)),
         )),
-        Ok(Err(e)) => Err(Failure::MayHaveStarted(
+        Ok(Err(_)) => Err(Failure::MayHaveStarted(
             "transport",
             ApiError::Upstream(format!(
-                "backend {} failed before answering ({})",
-                backend.id,
-                error_kind(&e)
+                "backend {} failed before answering (transport)",
+                backend.id
             )),
         )),
         Err(_) => Err(Failure::Slow(kind, ApiError::UpstreamTimeout(what))),
