@@ -22,8 +22,10 @@ impl OnEnd for Keep {
 
 fn upstream(
     frames: Vec<Bytes>,
-) -> impl futures_util::Stream<Item = Result<Bytes, hyper::Error>> + Unpin {
-    futures_util::stream::iter(frames.into_iter().map(Ok))
+) -> impl http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin {
+    http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames.into_iter().map(|f| Ok(http_body::Frame::data(f))),
+    ))
 }
 
 fn sse_passthrough(c: &mut Criterion) {

@@ -76,7 +76,7 @@ pub(crate) async fn respond(
     let hash = exchange.attests();
     let body = if is_sse {
         let first_byte = Duration::from_millis(timeouts.first_byte_ms);
-        let upstream = resp.into_body().into_data_stream();
+        let upstream = resp.into_body();
         let observed = Observed::new(upstream, timer, first_byte, idle, exchange)
             .with_max_bytes(max_bytes)
             .hashing(hash);

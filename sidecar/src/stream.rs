@@ -68,9 +68,6 @@ pub trait OnEnd: Send + 'static {
     fn on_end(self, end: End);
 }
 
-/// An upstream answer's body as it arrives.
-pub type Upstream = http_body_util::BodyDataStream<hyper::body::Incoming>;
-
 pub struct Observed<S, H: OnEnd> {
     upstream: S,
     /// Fires at the first-byte deadline, then every `idle`. A chunk only sets
@@ -237,7 +234,7 @@ impl<S: Unpin, H: OnEnd> Unpin for Observed<S, H> {}
 
 impl<S, H: OnEnd> Stream for Observed<S, H>
 where
-    S: Stream<Item = Result<Bytes, hyper::Error>> + Unpin,
+    S: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
 {
     type Item = Result<Bytes, std::io::Error>;
 
@@ -258,7 +255,18 @@ where
                 }
                 State::Streaming => {}
             }
-            match Pin::new(&mut this.upstream).poll_next(cx) {
+            // The upstream body's frames, read directly (no stream adapter);
+            // trailers carry nothing to pass on.
+            let polled = match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(chunk) => Poll::Ready(Some(Ok(chunk))),
+                    Err(_) => continue,
+                },
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+            match polled {
                 Poll::Ready(Some(Ok(chunk)))
                     if this.bytes + chunk.len() as u64 > this.max_bytes =>
                 {
@@ -343,7 +351,7 @@ where
 /// Handed to the server as a body itself (no stream adapter per frame).
 impl<S, H: OnEnd> http_body::Body for Observed<S, H>
 where
-    S: Stream<Item = Result<Bytes, hyper::Error>> + Unpin,
+    S: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
 {
     type Data = Bytes;
     type Error = std::io::Error;

@@ -163,7 +163,9 @@ async fn a_stream_nobody_signs_is_passed_on_unhashed() {
     ];
     for hashing in [true, false] {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let upstream = futures_util::stream::iter(frames.map(|f| Ok(bytes::Bytes::from(f))));
+        let upstream = http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames.map(|f| Ok::<_, hyper::Error>(http_body::Frame::data(bytes::Bytes::from(f)))),
+        ));
         let second = std::time::Duration::from_secs(1);
         let timer = Box::pin(tokio::time::sleep(second));
         let passed: Vec<u8> = Observed::new(upstream, timer, second, second, Keep(tx))

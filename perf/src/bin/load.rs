@@ -74,26 +74,38 @@ struct Mode {
     stream: bool,
     tokens: usize,
     delay_ms: u64,
+    /// A pasted document of this many KiB as the prompt (0: a short one).
+    prompt_kib: usize,
 }
 
-const MODES: [Mode; 3] = [
+const MODES: [Mode; 4] = [
     Mode {
         name: "non-streaming",
         stream: false,
         tokens: 16,
         delay_ms: 0,
+        prompt_kib: 0,
     },
     Mode {
         name: "stream 200 instant",
         stream: true,
         tokens: 200,
         delay_ms: 0,
+        prompt_kib: 0,
     },
     Mode {
         name: "stream 200 paced 1ms",
         stream: true,
         tokens: 200,
         delay_ms: 1,
+        prompt_kib: 0,
+    },
+    Mode {
+        name: "150 KB prompt",
+        stream: false,
+        tokens: 16,
+        delay_ms: 0,
+        prompt_kib: 150,
     },
 ];
 const CONCURRENCY: [usize; 3] = [1, 32, 256];
@@ -163,7 +175,21 @@ async fn run(
         .pool_max_idle_per_host(1024)
         .build()
         .unwrap();
-    let body: &'static str = if mode.stream {
+    let body: &'static str = if mode.prompt_kib > 0 {
+        // Prose with some non-ASCII text, as a pasted document would be;
+        // made once per run (leaked: the process ends with the benchmark).
+        let para = "The quarterly report shows revenue grew 12% — driven by the Zürich office — while costs stayed flat. ";
+        let text = para.repeat(mode.prompt_kib * 1024 / para.len() + 1);
+        let cut = (0..=mode.prompt_kib * 1024)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            &text[..cut]
+        );
+        Box::leak(body.into_boxed_str())
+    } else if mode.stream {
         r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"benchmark prompt of a few words"}]}"#
     } else {
         r#"{"model":"m","messages":[{"role":"user","content":"benchmark prompt of a few words"}]}"#
