@@ -2,10 +2,11 @@
 //! and signing (each signature on a fresh record: a true cache miss).
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderValue};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use infergate_sidecar::attest::{Algo, Record, Signer};
+use infergate_sidecar::attest::{Algo, Answer, Record, Records, Signer};
 use infergate_sidecar::balance::{pick, Tried};
 use infergate_sidecar::config::{hash_key, GatewayConfig};
 use infergate_sidecar::peers::Owner;
@@ -154,17 +155,26 @@ fn config_swap(c: &mut Criterion) {
 
 fn signing(c: &mut Criterion) {
     let signer = Signer::generate();
-    let owner = Owner {
-        backend: "b".into(),
-        via: None,
-        key_id: "k".into(),
+    let record = Record {
+        owner: Owner {
+            backend: "b".into(),
+            key_id: "k".into(),
+        },
+        answer: Answer::Hashed {
+            request: [1; 32],
+            response: [2; 32],
+        },
     };
     let mut g = c.benchmark_group("sign_fresh_record");
     for algo in [Algo::Ecdsa, Algo::Ed25519] {
         g.bench_function(format!("{algo:?}").to_lowercase(), |b| {
             b.iter_batched(
-                || Record::new(owner.clone(), &[1; 32], &[2; 32], None),
-                |r| black_box(r.signature(&signer, algo).0.len()),
+                || {
+                    let records = Records::new(1, Duration::from_secs(60));
+                    records.insert("id", record.clone());
+                    records
+                },
+                |r| black_box(r.sign("id", &[1; 32], &[2; 32], &signer, algo).made),
                 BatchSize::SmallInput,
             )
         });

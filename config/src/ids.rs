@@ -1,21 +1,26 @@
 //! Names that travel through the whole system as distinct types, so a key
 //! id is never passed where a backend id belongs. On the wire each is a
-//! plain string (`serde(transparent)`).
+//! plain string.
+//!
+//! An id is an `Arc<str>`: the table, metrics, usage and every answer record
+//! share one copy, and a clone is a reference-count increment (an answer
+//! record keeps its backend and key ids for an hour; a `String` each would
+//! be most of the record).
 
 use std::borrow::Borrow;
 use std::fmt;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
 
         impl $name {
-            pub fn new(id: impl Into<String>) -> Self {
+            pub fn new(id: impl Into<Arc<str>>) -> Self {
                 $name(id.into())
             }
 
@@ -52,25 +57,38 @@ macro_rules! id_type {
 
         impl From<&str> for $name {
             fn from(id: &str) -> Self {
-                $name(id.to_owned())
+                $name(id.into())
             }
         }
 
         impl From<String> for $name {
             fn from(id: String) -> Self {
-                $name(id)
+                $name(id.into())
             }
         }
 
         impl PartialEq<str> for $name {
             fn eq(&self, other: &str) -> bool {
-                self.0 == other
+                &*self.0 == other
             }
         }
 
         impl PartialEq<&str> for $name {
             fn eq(&self, other: &&str) -> bool {
-                self.0 == *other
+                &*self.0 == *other
+            }
+        }
+
+        /// A plain string on the wire, as `String` was.
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d).map($name::from)
             }
         }
     };
@@ -99,5 +117,15 @@ mod tests {
         assert_eq!(back, "team-a");
         let map: std::collections::HashMap<BackendId, u8> = [(id.clone(), 1)].into();
         assert_eq!(map.get("ai/vllm/10.0.0.7"), Some(&1));
+        let yaml: Vec<BackendId> = serde_yaml::from_str("[a, \"b\"]").unwrap();
+        assert_eq!(yaml, vec![BackendId::new("a"), BackendId::new("b")]);
+        assert!(serde_json::from_str::<KeyId>("7").is_err());
+    }
+
+    #[test]
+    fn a_clone_shares_the_string() {
+        let id = KeyId::new("team-a");
+        let copy = id.clone();
+        assert!(std::ptr::eq(id.as_str(), copy.as_str()));
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::attest::Algo;
+use crate::attest::{Algo, Answer};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::metrics::{AlgoLabels, ReasonLabels};
@@ -143,29 +143,31 @@ async fn signature(
     // Someone else's record looks exactly like a missing one.
     let not_found = || ApiError::NotFound(format!("No signature for id `{id}`."));
     let record = s.records.get(&id);
-    let local = record.as_ref().filter(|r| r.owner.via.is_none());
+    let local = record.as_ref().filter(|r| r.via().is_none());
     let Some(record) = local else {
         // Signed elsewhere: by the sidecar this one forwarded to, or one
         // that served the request directly.
-        let via = record.and_then(|r| r.owner.via.clone());
+        let via = record.as_ref().and_then(|r| r.via());
         let path = uri
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or(uri.path());
         return s
             .peers
-            .signature(&table, via.as_deref(), path, &headers, hop.is_some())
+            .signature(&table, via.map(|v| &**v), path, &headers, hop.is_some())
             .await
             .ok_or_else(not_found);
     };
     if record.owner.key_id != key.id && !key.admin {
         return Err(not_found());
     }
-    if let Some(reason) = record.unsigned {
-        return Err(ApiError::NotSigned(reason.message()));
-    }
-    let (sig, made) = record.signature(&s.signer, algo);
-    if made {
+    let (request, response) = match &record.answer {
+        Answer::Hashed { request, response } => (request, response),
+        Answer::Unsigned(reason) => return Err(ApiError::NotSigned(reason.message())),
+        Answer::Forwarded(_) => return Err(not_found()),
+    };
+    let signed = s.records.sign(&id, request, response, &s.signer, algo);
+    if signed.made {
         s.metrics
             .signatures
             .get_or_create(&AlgoLabels {
@@ -174,8 +176,8 @@ async fn signature(
             .inc();
     }
     Ok(Json(json!({
-        "text": record.text,
-        "signature": sig,
+        "text": signed.text,
+        "signature": signed.signature,
         "signing_address": s.signer.identity(algo),
         "signing_algo": algo,
     }))
@@ -204,8 +206,8 @@ async fn owner(
     let owner = s
         .records
         .get(&id)
-        .map(|r| r.owner.clone())
-        .filter(|o| o.via.is_none())
+        .filter(|r| r.via().is_none())
+        .map(|r| r.owner)
         .ok_or_else(not_found)?;
     if owner.key_id != key.id && !key.admin {
         return Err(not_found());

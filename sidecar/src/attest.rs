@@ -1,11 +1,12 @@
-//! Verifiable answers: every completed answer leaves a record of
-//! `sha256(request bytes)` and `sha256(response bytes)`; the text
-//! `<req hex>:<resp hex>` is signed with ECDSA secp256k1 (Ethereum
+//! Verifiable answers: every completed answer on an attested backend leaves
+//! a record of `sha256(request bytes)` and `sha256(response bytes)`; the
+//! text `<req hex>:<resp hex>` is signed with ECDSA secp256k1 (Ethereum
 //! personal-sign form) and Ed25519 on the first look-up, not on the hot path
-//! (the two signatures cost more CPU than proxying the request did).
+//! (the two signatures cost more CPU than proxying the request did). Every
+//! other answer leaves its owner and why it has no signature.
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::Signer as _;
@@ -14,6 +15,7 @@ use serde::Serialize;
 use sha3::{Digest as _, Keccak256};
 
 use crate::peers::Owner;
+use crate::store::{Keyed, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -186,89 +188,173 @@ impl Unsigned {
     }
 }
 
-/// What is kept per response id. Signatures are made on the first look-up
-/// and then cached in the record.
+/// What an answer left for its signature, by response id.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Who produced the answer (and for whom); also what Responses
-    /// follow-ups and peers look up, so one cache serves both.
+    /// follow-ups and peers look up, so one store serves both.
     pub owner: Owner,
-    pub text: String,
-    pub unsigned: Option<Unsigned>,
-    ecdsa: OnceLock<String>,
-    ed25519: OnceLock<String>,
+    pub answer: Answer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Served and hashed here; signed on the first look-up. The hashes are
+    /// kept as bytes: the hex text is made only when someone asks.
+    Hashed {
+        request: [u8; 32],
+        response: [u8; 32],
+    },
+    /// Served here, with no signature, and why.
+    Unsigned(Unsigned),
+    /// Forwarded to this peer sidecar, which hashed it and signs it.
+    Forwarded(Arc<str>),
 }
 
 impl Record {
-    pub fn new(
-        owner: Owner,
-        request: &[u8; 32],
-        response: &[u8; 32],
-        unsigned: Option<Unsigned>,
-    ) -> Self {
-        let mut text = String::with_capacity(129);
-        text.push_str(&hex::encode(request));
-        text.push(':');
-        text.push_str(&hex::encode(response));
-        Record {
-            owner,
-            text,
-            unsigned,
-            ecdsa: OnceLock::new(),
-            ed25519: OnceLock::new(),
+    /// The peer that holds the signature, when that is not this sidecar.
+    pub fn via(&self) -> Option<&Arc<str>> {
+        match &self.answer {
+            Answer::Forwarded(via) => Some(via),
+            _ => None,
         }
     }
+}
 
-    /// A request this sidecar forwarded: the owner signs, this one only
-    /// remembers where to ask.
-    pub fn forwarded(owner: Owner) -> Self {
-        Record {
-            owner,
-            text: String::new(),
-            unsigned: None,
-            ecdsa: OnceLock::new(),
-            ed25519: OnceLock::new(),
+/// `<hex sha256(request)>:<hex sha256(response)>`, the signed text.
+pub fn signed_text(request: &[u8; 32], response: &[u8; 32]) -> String {
+    let mut text = String::with_capacity(129);
+    text.push_str(&hex::encode(request));
+    text.push(':');
+    text.push_str(&hex::encode(response));
+    text
+}
+
+/// A signature as `/v1/signature` returns it.
+pub struct Signed {
+    pub text: String,
+    pub signature: String,
+    /// Made by this ask (not found already made), for the counter.
+    pub made: bool,
+}
+
+/// A record as stored: its id, and the signatures once someone asked (most
+/// records are never asked for: no room is kept for them until then).
+struct Entry {
+    id: Box<str>,
+    record: Record,
+    signatures: Option<Box<Signatures>>,
+}
+
+#[derive(Default)]
+struct Signatures {
+    ecdsa: Option<String>,
+    ed25519: Option<String>,
+}
+
+impl Signatures {
+    fn slot(&mut self, algo: Algo) -> &mut Option<String> {
+        match algo {
+            Algo::Ecdsa => &mut self.ecdsa,
+            Algo::Ed25519 => &mut self.ed25519,
         }
     }
+}
 
-    /// The signature for `algo`, signing now if this is the first ask.
-    /// Returns whether it was made now (for the signatures counter).
-    pub fn signature(&self, signer: &Signer, algo: Algo) -> (&str, bool) {
-        let cell = match algo {
-            Algo::Ecdsa => &self.ecdsa,
-            Algo::Ed25519 => &self.ed25519,
-        };
-        let mut made = false;
-        let sig = cell.get_or_init(|| {
-            made = true;
-            signer.sign(algo, &self.text)
-        });
-        (sig, made)
+impl Keyed for Entry {
+    fn key(&self) -> &str {
+        &self.id
     }
 }
 
 /// Bounded, expiring store of records by response id.
 pub struct Records {
-    cache: moka::sync::Cache<String, Arc<Record>>,
+    store: Store<Entry>,
 }
 
 impl Records {
     pub fn new(capacity: u64, ttl: Duration) -> Self {
         Records {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl)
-                .build(),
+            store: Store::new(capacity, ttl),
         }
     }
 
     /// The first record for an id stays: an answer that reuses an id (an
     /// upstream that let a client choose it) never takes over another's.
-    pub fn insert(&self, id: String, record: Record) {
-        self.cache.entry(id).or_insert_with(|| Arc::new(record));
+    pub fn insert(&self, id: impl Into<Box<str>>, record: Record) {
+        self.store.insert(Entry {
+            id: id.into(),
+            record,
+            signatures: None,
+        });
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<Record>> {
-        self.cache.get(id)
+    pub fn get(&self, id: &str) -> Option<Record> {
+        self.store.with(id, |e| e.record.clone())
+    }
+
+    /// Records held now.
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    /// The `algo` signature of the answer `id` hashed as `request` and
+    /// `response` (as read from its record), signed now if this is the
+    /// first ask, outside the store's lock, and then kept in the record.
+    pub fn sign(
+        &self,
+        id: &str,
+        request: &[u8; 32],
+        response: &[u8; 32],
+        signer: &Signer,
+        algo: Algo,
+    ) -> Signed {
+        // Only into the record these hashes were read from: the id may have
+        // expired and come back as another answer meanwhile.
+        let same = |e: &Entry| {
+            matches!(&e.record.answer,
+                Answer::Hashed { request: q, response: r } if q == request && r == response)
+        };
+        let text = signed_text(request, response);
+        let cached = self.store.with(id, |e| {
+            if !same(e) {
+                return None;
+            }
+            e.signatures.as_mut()?.slot(algo).clone()
+        });
+        if let Some(signature) = cached.flatten() {
+            return Signed {
+                text,
+                signature,
+                made: false,
+            };
+        }
+        let signature = signer.sign(algo, &text);
+        // Two first asks at once both sign (the same bytes: both schemes
+        // are deterministic); the first to come back keeps its signature.
+        let made = self
+            .store
+            .with(id, |e| {
+                if !same(e) {
+                    return false;
+                }
+                let slot = e.signatures.get_or_insert_with(Default::default).slot(algo);
+                let first = slot.is_none();
+                if first {
+                    *slot = Some(signature.clone());
+                }
+                first
+            })
+            .unwrap_or(false);
+        Signed {
+            text,
+            signature,
+            made,
+        }
     }
 }
 
@@ -321,21 +407,73 @@ mod tests {
         assert!(key.verify(b"ab:ce", &sig).is_err());
     }
 
+    fn owner(key: &str) -> Owner {
+        Owner {
+            backend: "b".into(),
+            key_id: key.into(),
+        }
+    }
+
+    fn hashed(q: u8, r: u8) -> Record {
+        Record {
+            owner: owner("k"),
+            answer: Answer::Hashed {
+                request: [q; 32],
+                response: [r; 32],
+            },
+        }
+    }
+
     #[test]
     fn records_sign_once_and_keep_the_signature() {
         let s = signer();
-        let owner = Owner {
-            backend: "b".into(),
-            via: None,
-            key_id: "k".into(),
-        };
-        let r = Record::new(owner, &[1; 32], &[2; 32], None);
-        assert_eq!(r.text.len(), 129);
-        let (first, made) = r.signature(&s, Algo::Ecdsa);
-        assert!(made);
-        let first = first.to_owned();
-        let (again, made) = r.signature(&s, Algo::Ecdsa);
-        assert!(!made);
-        assert_eq!(first, again);
+        let records = Records::new(10, Duration::from_secs(60));
+        records.insert("id", hashed(1, 2));
+        let text = format!("{}:{}", "01".repeat(32), "02".repeat(32));
+        let first = records.sign("id", &[1; 32], &[2; 32], &s, Algo::Ecdsa);
+        assert!(first.made);
+        assert_eq!(first.text, text);
+        assert_eq!(first.signature, s.sign_ecdsa(&text));
+        let again = records.sign("id", &[1; 32], &[2; 32], &s, Algo::Ecdsa);
+        assert!(!again.made);
+        assert_eq!(again.signature, first.signature);
+        let ed = records.sign("id", &[1; 32], &[2; 32], &s, Algo::Ed25519);
+        assert!(ed.made);
+        assert_eq!(ed.signature, s.sign_ed25519(&text));
+    }
+
+    #[test]
+    fn a_signature_is_kept_only_in_the_record_it_was_made_for() {
+        let s = signer();
+        let records = Records::new(10, Duration::from_secs(60));
+        records.insert("id", hashed(1, 2));
+        // Hashes read from an older record under the same id: signed (over
+        // what was read), never cached into this one.
+        let stale = records.sign("id", &[3; 32], &[4; 32], &s, Algo::Ecdsa);
+        assert!(!stale.made);
+        let fresh = records.sign("id", &[1; 32], &[2; 32], &s, Algo::Ecdsa);
+        assert!(fresh.made);
+        assert_ne!(stale.signature, fresh.signature);
+        // A record gone: still signed for the one asking, kept nowhere.
+        assert!(
+            !records
+                .sign("gone", &[1; 32], &[2; 32], &s, Algo::Ecdsa)
+                .made
+        );
+    }
+
+    #[test]
+    fn the_first_record_for_an_id_stays() {
+        let records = Records::new(10, Duration::from_secs(60));
+        records.insert("id", hashed(1, 2));
+        records.insert(
+            "id",
+            Record {
+                owner: owner("other"),
+                answer: Answer::Unsigned(Unsigned::NotAttested),
+            },
+        );
+        assert_eq!(records.get("id"), Some(hashed(1, 2)));
+        assert_eq!(records.get("id").unwrap().via(), None);
     }
 }

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
-use crate::attest::{Record, Unsigned};
+use crate::attest::{Answer, Record, Unsigned};
 use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, TokenLabels};
 use crate::peers::Owner;
 use crate::quota::{KeySlot, TokenReservation};
@@ -29,10 +29,13 @@ pub struct Exchange {
     /// Index of the target in `route.targets`.
     pub target: usize,
     pub backend: Arc<Backend>,
-    /// The peer sidecar this went through, when not served here.
-    pub via: Option<String>,
+    /// The peer sidecar this went through, when not served here (shared
+    /// with the table's backend, and then with the answer's record).
+    pub via: Option<Arc<str>>,
     pub status: StatusCode,
-    pub request_sha256: [u8; 32],
+    /// The client's body hash, when this sidecar attests the answer
+    /// (`attests`); nothing is hashed for an answer nobody will sign.
+    pub request_sha256: Option<[u8; 32]>,
     /// When the gateway received the request.
     pub received: Instant,
     pub slot: Slot,
@@ -68,34 +71,39 @@ fn estimate(end: &End, request_bytes: u64) -> Usage {
 }
 
 impl Exchange {
+    /// Whether this sidecar hashes the answer and signs it: served here
+    /// (a sidecar that forwarded leaves that to the peer) by a backend
+    /// with attestation on.
+    pub fn attests(&self) -> bool {
+        self.via.is_none() && self.backend.attestation
+    }
+
     /// Keep what a signature needs, before the client sees the terminal
     /// event. The sidecar next to the model keeps the hashes and signs; one
-    /// that forwarded keeps only where the answer came from.
+    /// that forwarded keeps only where the answer came from. Every record
+    /// keeps its owner, for follow-ups and look-ups by the same key.
     fn record_answer(&self, end: &End) {
         let Some(id) = &end.scan.id else { return };
+        let answer = if let Some(via) = &self.via {
+            Answer::Forwarded(via.clone())
+        } else if !self.status.is_success() {
+            Answer::Unsigned(Unsigned::ErrorStatus)
+        } else if end.cause != EndCause::Completed {
+            Answer::Unsigned(Unsigned::Incomplete)
+        } else {
+            match (self.attests(), self.request_sha256, end.response_sha256) {
+                (true, Some(request), Some(response)) => Answer::Hashed { request, response },
+                // Attestation off: nothing was hashed, nothing is signed.
+                _ => Answer::Unsigned(Unsigned::NotAttested),
+            }
+        };
         let owner = Owner {
             backend: self.backend.id.clone(),
-            via: self.via.clone(),
             key_id: self.key.id.clone(),
         };
-        let records = &self.state.records;
-        if self.via.is_some() {
-            records.insert(id.clone(), Record::forwarded(owner));
-            return;
-        }
-        let unsigned = if !self.status.is_success() {
-            Some(Unsigned::ErrorStatus)
-        } else if end.cause != EndCause::Completed {
-            Some(Unsigned::Incomplete)
-        } else if !self.backend.attestation {
-            Some(Unsigned::NotAttested)
-        } else {
-            None
-        };
-        records.insert(
-            id.clone(),
-            Record::new(owner, &self.request_sha256, &end.response_sha256, unsigned),
-        );
+        self.state
+            .records
+            .insert(id.as_str(), Record { owner, answer });
     }
 
     pub fn count_upstream_error(&self, kind: &'static str) {
@@ -205,7 +213,7 @@ impl OnEnd for Exchange {
                 duration_ms: duration.as_secs_f64() * 1e3,
                 finish_reason: end.scan.finish_reason,
                 stop_cause: end.cause.label(),
-                via: self.via,
+                via: self.via.as_deref().map(str::to_owned),
             };
             if !log.submit(record) {
                 m.usage_dropped.inc();

@@ -34,6 +34,7 @@ pub mod responses;
 pub mod serve;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod sse;
+pub mod store;
 pub mod stream;
 pub mod table;
 pub mod tee;
@@ -95,7 +96,8 @@ pub struct Options {
     /// Serve `/v1/attestation/report` without an API key, at most this
     /// many a minute (shared by all such callers); None: a key is needed.
     pub public_attestation_per_minute: Option<u64>,
-    /// How many answer records to keep, and for how long.
+    /// How many answer records to keep, and for how long after the answer
+    /// (default 100 000 for an hour). Learnt owners get the same bounds.
     pub records_capacity: Option<u64>,
     pub records_ttl: Option<Duration>,
     /// This sidecar's public URL as other sidecars reach it; backends whose

@@ -92,6 +92,26 @@ struct ServeArgs {
     /// its share while the store does not answer).
     #[arg(long, env = "INFERGATE_QUOTA_REDIS")]
     quota_redis: Option<String>,
+    /// How many answer records to keep (each ~200 bytes: the owner, for
+    /// follow-ups and signature look-ups by the same key, and the hashes a
+    /// signature is made from); the oldest makes room for the newest.
+    #[arg(
+        long,
+        env = "INFERGATE_RECORDS_CAPACITY",
+        default_value_t = 100_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    records_capacity: u64,
+    /// How long an answer's record is kept after the answer, in seconds:
+    /// its signature can be fetched, and its conversation continued by id
+    /// through this sidecar, for that long.
+    #[arg(
+        long,
+        env = "INFERGATE_RECORDS_TTL_SECONDS",
+        default_value_t = 3600,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    records_ttl_seconds: u64,
     /// Usage records as JSON lines: `stdout` or a file path.
     #[arg(long, env = "INFERGATE_USAGE_LOG")]
     usage_log: Option<infergate_sidecar::usage::Sink>,
@@ -179,10 +199,11 @@ async fn start(args: ServeArgs, log_level: LogLevelSetter) -> anyhow::Result<()>
             .then_some(args.public_attestation_per_minute),
         self_url: args.self_url,
         peer_secret,
+        records_capacity: Some(args.records_capacity),
+        records_ttl: Some(Duration::from_secs(args.records_ttl_seconds)),
         usage: args.usage_log,
         quota_redis: args.quota_redis,
         log_level: Some(log_level),
-        ..Options::default()
     };
     let state = AppState::new(config, options)?;
     if let Some(path) = args.config.clone() {

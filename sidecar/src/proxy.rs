@@ -75,12 +75,14 @@ pub async fn forward(
         }
         () = timer.as_mut() => return Err(ApiError::BodyTimeout),
     };
-    let request_sha256: [u8; 32] = Sha256::digest(&body).into();
-    if hop
-        .as_ref()
-        .is_some_and(|h| h.body_sha256 != request_sha256)
-    {
-        return Err(ApiError::ForgedHop);
+    // The body is hashed only where that is needed, and once: to check a
+    // hop's body, to sign a hop to a peer, or for an answer signed here.
+    let sha256 = |b: &[u8]| -> [u8; 32] { Sha256::digest(b).into() };
+    let mut request_sha256 = None;
+    if let Some(h) = &hop {
+        if h.body_sha256 != *request_sha256.insert(sha256(&body)) {
+            return Err(ApiError::ForgedHop);
+        }
     }
     let parsed = match form_boundary {
         Some(boundary) => validate::form::validate_form(&body, boundary)?,
@@ -157,7 +159,7 @@ pub async fn forward(
                         &headers,
                         &Method::POST,
                         endpoint.path(),
-                        &request_sha256,
+                        request_sha256.get_or_insert_with(|| sha256(&body)),
                         Some(target.backend.id.as_str()),
                     );
                     (Chunks::one(body.clone()), Some((peer, signed)))
@@ -196,16 +198,16 @@ pub async fn forward(
                 }
                 Ok(resp) => {
                     target.backend.record_success();
-                    let exchange = Exchange {
+                    let mut exchange = Exchange {
                         state: state.clone(),
                         request_id,
                         key,
                         route: route.clone(),
                         target: i,
                         backend: target.backend.clone(),
-                        via: via.map(str::to_owned),
+                        via: via.and(target.backend.sidecar.clone()),
                         status: resp.status(),
-                        request_sha256,
+                        request_sha256: None,
                         received,
                         slot,
                         key_slot: key_slot.take(),
@@ -219,6 +221,10 @@ pub async fn forward(
                         estimate_usage: endpoint.generates() || parsed.stream,
                         charge: hop.is_none(),
                     };
+                    if exchange.attests() {
+                        exchange.request_sha256 =
+                            Some(*request_sha256.get_or_insert_with(|| sha256(&body)));
+                    }
                     // On a hop the usage event goes on to the peer, which
                     // removes it from what its client gets.
                     let strip = strip_usage.then_some(hop.is_none());
@@ -343,7 +349,7 @@ async fn pinned_target(
         let owner = match hop {
             // The sidecar the client reached checked the owner; what this
             // one remembers must agree.
-            Some(_) => state.records.get(previous).map(|r| r.owner.clone()),
+            Some(_) => state.records.get(previous).map(|r| r.owner),
             None => Some(
                 state
                     .peers

@@ -72,11 +72,14 @@ pub(crate) async fn respond(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    // Only an answer this sidecar signs is hashed.
+    let hash = exchange.attests();
     let body = if is_sse {
         let first_byte = Duration::from_millis(timeouts.first_byte_ms);
         let upstream = resp.into_body();
-        let observed =
-            Observed::new(upstream, timer, first_byte, idle, exchange).with_max_bytes(max_bytes);
+        let observed = Observed::new(upstream, timer, first_byte, idle, exchange)
+            .with_max_bytes(max_bytes)
+            .hashing(hash);
         Body::new(match strip {
             Some(passed) => observed.with_usage_stripped(passed),
             None => observed,
@@ -85,7 +88,7 @@ pub(crate) async fn respond(
         let bytes = collect(resp, timer, idle, max_bytes, &exchange).await?;
         exchange.on_end(End {
             cause: EndCause::Completed,
-            response_sha256: Sha256::digest(&bytes).into(),
+            response_sha256: hash.then(|| Sha256::digest(&bytes).into()),
             bytes: bytes.len() as u64,
             frames: 1,
             events: 0,

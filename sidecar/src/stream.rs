@@ -50,8 +50,9 @@ impl EndCause {
 
 pub struct End {
     pub cause: EndCause,
-    /// SHA-256 of every byte the client was handed.
-    pub response_sha256: [u8; 32],
+    /// SHA-256 of every byte the client was handed (unless not hashed:
+    /// see `Observed::hashing`).
+    pub response_sha256: Option<[u8; 32]>,
     pub bytes: u64,
     pub frames: u64,
     /// SSE events the upstream sent (streams only), for usage estimates.
@@ -81,7 +82,7 @@ pub struct Observed<S, H: OnEnd> {
     idle: Duration,
     /// An answer larger than this is cut with an error frame.
     max_bytes: u64,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     scan: SseScan,
     bytes: u64,
     frames: u64,
@@ -120,7 +121,7 @@ impl<S, H: OnEnd> Observed<S, H> {
             timer_waker: None,
             active: false,
             idle,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             scan: SseScan::default(),
             bytes: 0,
             frames: 0,
@@ -148,11 +149,20 @@ impl<S, H: OnEnd> Observed<S, H> {
         self
     }
 
+    /// `false`: the bytes are not hashed (an answer nobody signs), and the
+    /// end has no `response_sha256`.
+    pub fn hashing(mut self, on: bool) -> Self {
+        if !on {
+            self.hasher = None;
+        }
+        self
+    }
+
     fn fire(&mut self, cause: EndCause) {
         if let Some(hook) = self.hook.take() {
             hook.on_end(End {
                 cause,
-                response_sha256: std::mem::take(&mut self.hasher).finalize().into(),
+                response_sha256: self.hasher.take().map(|h| h.finalize().into()),
                 bytes: self.bytes,
                 frames: self.frames,
                 events: self.events,
@@ -191,7 +201,9 @@ impl<S, H: OnEnd> Observed<S, H> {
             (hashed, passed)
         };
         self.bytes += passed.len() as u64;
-        self.hasher.update(&hashed);
+        if let Some(h) = &mut self.hasher {
+            h.update(&hashed);
+        }
         if self.scan.done {
             self.fire(EndCause::Completed);
         }
@@ -203,8 +215,9 @@ impl<S, H: OnEnd> Observed<S, H> {
         let Some(tail) = self.strip.as_mut().map(UsageStrip::finish) else {
             return Bytes::new();
         };
-        if self.hook.is_some() {
-            self.hasher.update(&tail);
+        // (After the end fired there is no hasher left.)
+        if let Some(h) = &mut self.hasher {
+            h.update(&tail);
         }
         if self.strip_passed {
             self.bytes += tail.len() as u64;

@@ -75,7 +75,9 @@ pub struct Backend {
     pub id: BackendId,
     /// Base URL without trailing slash.
     pub url: String,
-    pub sidecar: Option<String>,
+    /// The sidecar next to it (shared with the records of answers that
+    /// went through it).
+    pub sidecar: Option<Arc<str>>,
     pub attestation: bool,
     pub max_in_flight: u32,
     pub timeouts: Timeouts,
@@ -224,7 +226,7 @@ impl Table {
                     sidecar: b
                         .sidecar
                         .as_ref()
-                        .map(|s| s.trim_end_matches('/').to_owned()),
+                        .map(|s| Arc::from(s.trim_end_matches('/'))),
                     attestation: b.attestation,
                     max_in_flight: b.max_in_flight,
                     timeouts,

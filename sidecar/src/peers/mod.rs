@@ -23,6 +23,7 @@ pub use hop::{Hop, HopAuth, PeerHop, HOP, PIN};
 
 use crate::attest::Records;
 use crate::config::{BackendId, KeyId};
+use crate::store::{Keyed, Store};
 use crate::table::{Backend, Table};
 
 /// SHA-256 of the empty body: what a body-less hop (a look-up) declares.
@@ -161,7 +162,7 @@ impl Peers {
         hop: bool,
     ) -> Option<Owner> {
         if let Some(r) = records.get(id) {
-            return Some(r.owner.clone());
+            return Some(r.owner);
         }
         if let Some(o) = self.owners.get(id) {
             return Some(o);
@@ -179,10 +180,9 @@ impl Peers {
         let found: Found = serde_json::from_slice(&body).ok()?;
         let owner = Owner {
             backend: found.backend,
-            via: None,
             key_id: found.key_id,
         };
-        self.owners.remember(id.to_owned(), owner.clone());
+        self.owners.remember(id, owner.clone());
         Some(owner)
     }
 
@@ -265,37 +265,47 @@ impl Peers {
     }
 }
 
-/// Who produced a response: a backend, and the sidecar next to it when that
-/// is another one.
+/// Who produced a response, and for whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub backend: BackendId,
-    pub via: Option<String>,
     /// The key that made the request: only it (or an admin) may follow up.
     pub key_id: KeyId,
 }
 
+/// Owners learnt from peers, by response id.
 pub struct Owners {
-    cache: moka::sync::Cache<String, Owner>,
+    store: Store<Learnt>,
+}
+
+struct Learnt {
+    id: Box<str>,
+    owner: Owner,
+}
+
+impl Keyed for Learnt {
+    fn key(&self) -> &str {
+        &self.id
+    }
 }
 
 impl Owners {
     pub fn new(capacity: u64, ttl: Duration) -> Self {
         Owners {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl)
-                .build(),
+            store: Store::new(capacity, ttl),
         }
     }
 
     /// The first owner learnt for an id stays (see `Records::insert`).
-    pub fn remember(&self, id: String, owner: Owner) {
-        self.cache.entry(id).or_insert(owner);
+    pub fn remember(&self, id: &str, owner: Owner) {
+        self.store.insert(Learnt {
+            id: id.into(),
+            owner,
+        });
     }
 
     pub fn get(&self, id: &str) -> Option<Owner> {
-        self.cache.get(id)
+        self.store.with(id, |l| l.owner.clone())
     }
 }
 

@@ -89,6 +89,28 @@ async fn unattested_backends_and_cut_streams_say_why_there_is_no_signature() {
 }
 
 #[tokio::test]
+async fn a_full_record_store_keeps_every_new_answer_and_drops_the_oldest() {
+    // A frequency-admitting cache (moka's TinyLFU) refused new records once
+    // full: an answer not asked about at once lost its signature.
+    let sim = simulator("s0", 1, 0).await;
+    let options = Options {
+        records_capacity: Some(20),
+        ..Options::default()
+    };
+    let gw = gateway_with(config(&[&sim.url], "", ""), options).await;
+    let mut ids = Vec::new();
+    for _ in 0..60 {
+        ids.push(answer_id(&gw, false, &[]).await);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let (status, sig) = get(&gw, KEY, &format!("/v1/signature/{id}")).await;
+        let expected = if i < 40 { 404 } else { 200 };
+        assert_eq!(status, expected, "answer {i}: {sig}");
+    }
+    assert_eq!(gw.state.records.len(), 20);
+}
+
+#[tokio::test]
 async fn report_carries_the_tee_quote_from_a_command_with_the_nonce() {
     let sim = simulator("s0", 1, 0).await;
     let options = Options {
@@ -119,4 +141,42 @@ async fn report_carries_the_tee_quote_from_a_command_with_the_nonce() {
     let expected = format!("{}{nonce}/{nonce}", gw.state.signer.ed25519_public);
     assert_eq!(report["intel_quote"], expected.as_str());
     assert_eq!(report["tee"]["source"], "command");
+}
+
+/// The stream path hashes exactly what it passes on, and, for an answer
+/// nobody signs, hashes nothing and passes on the same bytes.
+#[tokio::test]
+async fn a_stream_nobody_signs_is_passed_on_unhashed() {
+    use futures_util::StreamExt;
+    use infergate_sidecar::stream::{End, Observed, OnEnd};
+    use sha2::{Digest, Sha256};
+
+    struct Keep(tokio::sync::oneshot::Sender<End>);
+    impl OnEnd for Keep {
+        fn on_end(self, end: End) {
+            let _ = self.0.send(end);
+        }
+    }
+    let frames = [
+        "data: {\"id\":\"chatcmpl-1\",\"choices\":[]}\n\n",
+        "data: {\"id\":\"chatcmpl-1\",\"choices\":[]}\n\ndata: [DONE]\n\n",
+    ];
+    for hashing in [true, false] {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let upstream = http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames.map(|f| Ok::<_, hyper::Error>(http_body::Frame::data(bytes::Bytes::from(f)))),
+        ));
+        let second = std::time::Duration::from_secs(1);
+        let timer = Box::pin(tokio::time::sleep(second));
+        let passed: Vec<u8> = Observed::new(upstream, timer, second, second, Keep(tx))
+            .hashing(hashing)
+            .map(|chunk| chunk.unwrap().to_vec())
+            .concat()
+            .await;
+        assert_eq!(passed, frames.concat().as_bytes());
+        let end = rx.await.unwrap();
+        let expected = hashing.then(|| <[u8; 32]>::from(Sha256::digest(&passed)));
+        assert_eq!(end.response_sha256, expected);
+        assert_eq!(end.scan.id.as_deref(), Some("chatcmpl-1"));
+    }
 }

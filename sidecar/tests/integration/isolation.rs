@@ -23,6 +23,11 @@ struct Pair {
 }
 
 fn pair_config(sidecars: &[String], sims: &[SimHandle], sticky: &str) -> GatewayConfig {
+    // `sticky` may also say `unattested`: both backends without attestation.
+    let (sticky, attestation) = match sticky.strip_prefix("unattested") {
+        Some(rest) => (rest, false),
+        None => (sticky, true),
+    };
     GatewayConfig::from_yaml(&format!(
         r#"
 keys:
@@ -30,8 +35,8 @@ keys:
   - {{ id: key-b, sha256: "{}" }}
   - {{ id: auditor, sha256: "{}", admin: true }}
 backends:
-  - {{ id: b0, url: "{}", sidecar: "{}" }}
-  - {{ id: b1, url: "{}", sidecar: "{}" }}
+  - {{ id: b0, url: "{}", sidecar: "{}", attestation: {attestation} }}
+  - {{ id: b1, url: "{}", sidecar: "{}", attestation: {attestation} }}
 models:
   - name: m
     targets: [{{ backend: b0, upstreamModel: {UPSTREAM_MODEL} }}, {{ backend: b1, upstreamModel: {UPSTREAM_MODEL} }}]
@@ -191,6 +196,52 @@ async fn follow_ups_by_id_answer_only_their_key() {
         let (status, _) = get_json(gw, Some(OTHER_KEY), &format!("/v1/signature/{id}")).await;
         assert_eq!(status, 404);
     }
+}
+
+#[tokio::test]
+async fn unattested_answers_stay_their_keys_and_are_never_signed() {
+    // Nothing is hashed for them, but the owner is kept on every sidecar.
+    let p = pair_with([Some(SECRET), Some(SECRET)], "unattested").await;
+    for _ in 0..2 {
+        // Round-robin: one conversation is served by each sidecar's backend.
+        let id = conversation_of_a(&p.gws[0]).await;
+        for gw in &p.gws {
+            assert_eq!(respond(gw, OTHER_KEY, ask(Some(&id))).await.status(), 404);
+            assert_eq!(respond(gw, KEY, ask(Some(&id))).await.status(), 200);
+            for key in [KEY, OTHER_KEY] {
+                let path = format!("/v1/signature/{id}");
+                let (status, body) = get_json(gw, Some(key), &path).await;
+                assert_eq!(status, 404, "{key} via {}: {body}", gw.url);
+                assert!(body.get("signature").is_none(), "{body}");
+            }
+        }
+    }
+    // The sidecar next to the backend says why there is none.
+    let mut said = 0;
+    for _ in 0..2 {
+        let resp = post_chat(&p.gws[0], KEY, &chat_body("m", false), &[]).await;
+        if resp.headers()["x-infergate-backend"] != "b0" {
+            continue;
+        }
+        let id = resp.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (_, why) = get_json(&p.gws[0], Some(KEY), &format!("/v1/signature/{id}")).await;
+        assert_eq!(why["error"]["code"], "signature_unavailable", "{why}");
+        assert!(why.to_string().contains("attestation disabled"), "{why}");
+        said += 1;
+    }
+    assert_eq!(said, 1);
+    // A hop's body is still checked against its signed hash.
+    let body = serde_json::to_vec(&chat_body("m", false)).unwrap();
+    let other_body = serde_json::to_vec(&chat_body("m", true)).unwrap();
+    let before = requests(&p.sims);
+    let moved = signed(SECRET, &body, Some("b0"));
+    assert_eq!(send_hop(&p.gws[0], moved, &other_body).await.status(), 400);
+    assert_eq!(requests(&p.sims), before);
+    let genuine = signed(SECRET, &body, Some("b0"));
+    assert_eq!(send_hop(&p.gws[0], genuine, &body).await.status(), 200);
 }
 
 /// The headers a public client might send to steer a sidecar.
