@@ -17,12 +17,12 @@ fuzz_target!(|data: &[u8]| {
         let body = Bytes::copy_from_slice(data);
         let quoted = serde_json::to_string(UP).unwrap();
         // The model alone: exactly the client's bytes around the new value.
-        let renamed = upstream_body(&body, &parsed, UP, false);
+        let renamed = upstream_body(&body, &parsed, UP, false).concat();
         let span = parsed.model_span.clone();
         let expected = [&data[..span.start], quoted.as_bytes(), &data[span.end..]].concat();
         assert_eq!(&renamed[..], &expected[..]);
         // With usage asked for: still valid, same model, usage on for streams.
-        let out = upstream_body(&body, &parsed, UP, true);
+        let out = upstream_body(&body, &parsed, UP, true).concat();
         let again = validate(endpoint, &out, 64).expect("rewritten body stays valid");
         assert_eq!(again.model, UP);
         if parsed.usage_edit.is_some() {
