@@ -184,25 +184,23 @@ impl<S, H: OnEnd> Observed<S, H> {
             return chunk;
         }
         self.scan.feed_counted(&chunk, Some(ends));
-        let (hashed, passed) = match &mut self.strip {
-            None => (chunk.clone(), chunk),
-            Some(strip) => {
-                let view = strip.filter(chunk.clone());
-                if self.strip_passed {
-                    (view.clone(), view)
-                } else {
-                    (view, chunk)
-                }
-            }
+        // What is passed on, and what is hashed when that differs (`None`:
+        // the same bytes). Most chunks pass as they came: no copies and no
+        // reference-count traffic.
+        let filtered = self.strip.as_mut().and_then(|s| s.filter_ref(&chunk));
+        let (hashed, passed) = match filtered {
+            None => (None, chunk),
+            Some(view) if self.strip_passed => (None, view),
+            Some(view) => (Some(view), chunk),
         };
         let (hashed, passed) = if self.scan.done {
-            (through_done(hashed), through_done(passed))
+            (hashed.map(through_done), through_done(passed))
         } else {
             (hashed, passed)
         };
         self.bytes += passed.len() as u64;
         if let Some(h) = &mut self.hasher {
-            h.update(&hashed);
+            h.update(hashed.as_deref().unwrap_or(&passed));
         }
         if self.scan.done {
             self.fire(EndCause::Completed);

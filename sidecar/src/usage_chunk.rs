@@ -32,6 +32,20 @@ impl UsageStrip {
     /// usage-only event. In the steady state (one event per chunk, no usage)
     /// this is the chunk itself, not a copy.
     pub fn filter(&mut self, chunk: Bytes) -> Bytes {
+        self.filter_ref(&chunk).unwrap_or(chunk)
+    }
+
+    /// `filter` without taking the chunk: `None` when what passes is the
+    /// chunk itself (whole events, no usage event), which costs no
+    /// reference-count traffic on the per-frame path.
+    pub fn filter_ref(&mut self, chunk: &Bytes) -> Option<Bytes> {
+        if self.pending.is_empty() && chunk.ends_with(b"\n\n") && !mentions_usage_object(chunk) {
+            return None;
+        }
+        Some(self.split(chunk.clone()))
+    }
+
+    fn split(&mut self, chunk: Bytes) -> Bytes {
         let data = if self.pending.is_empty() {
             chunk
         } else {
