@@ -22,11 +22,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use infergate_perf::{binary, start, Proc};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -34,47 +34,6 @@ const KEY: &str = "ig-instructions-benchmark-key";
 /// A ratio may grow this much before `--check` fails.
 const TOLERANCE: f64 = 1.05;
 const RESULTS: &str = "benches/results";
-
-struct Proc {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn binary(env: &str, name: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(env) {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent().expect("a directory").join(name)
-}
-
-/// Starts `cmd` and reads the `http://` address from its first line.
-fn start(mut cmd: Command, what: &str) -> Proc {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .expect("first line");
-    let url = line
-        .split_whitespace()
-        .find_map(|w| {
-            let w = w.strip_prefix("public=").unwrap_or(w);
-            w.starts_with("http://").then(|| w.to_owned())
-        })
-        .unwrap_or_else(|| panic!("{what} printed {line:?}"));
-    Proc { child, url }
-}
 
 fn under_callgrind(bin: &Path, args: &[&str], out: &Path) -> Command {
     let mut cmd = Command::new("valgrind");

@@ -8,55 +8,21 @@
 //! Run: `benches/run-load` (builds release binaries, then this).
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use infergate_perf::{sibling, start, Proc};
 use sha2::{Digest, Sha256};
 
 const KEY: &str = "ig-load-benchmark-key-000";
 
-struct Proc {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// A binary next to this one, with `RUST_LOG=warn`.
 fn spawn(bin: &str, args: &[&str]) -> Proc {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
-    let mut child = Command::new(dir.join(bin))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{bin}: {e} (build it with benches/run-load)"));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find_map(|w| {
-            w.strip_prefix("public=")
-                .or(Some(w))
-                .filter(|w| w.starts_with("http://"))
-        })
-        .unwrap_or_else(|| panic!("{bin} printed {line:?}"))
-        .to_owned();
-    Proc { child, url }
+    let mut cmd = Command::new(sibling(bin));
+    cmd.args(args).env("RUST_LOG", "warn");
+    start(cmd, bin)
 }
 
 /// utime + stime of a process, in seconds.
