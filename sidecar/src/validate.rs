@@ -5,13 +5,11 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
 use crate::prefix::{HeadRecorder, Role, Source};
-use crate::upstream::Chunks;
 
 /// Which endpoint a body is for. The generation endpoints have required
 /// fields the gateway checks; the others (embeddings, tokenizer, scoring)
@@ -437,73 +435,8 @@ fn span_of(body: &[u8], s: &str) -> Option<Range<usize>> {
     body.get(start..end).map(|_| start..end)
 }
 
-/// The body the upstream gets: the client's bytes with the model value
-/// replaced and, when asked, usage requested. Splices only: every other byte
-/// stays as the client wrote it (no re-serialising, whatever the escapes),
-/// and is sent as slices of the client's buffer (no copy).
-pub fn upstream_body(
-    body: &Bytes,
-    parsed: &Parsed,
-    upstream_model: &str,
-    ask_usage: bool,
-) -> Chunks {
-    let usage = parsed.usage_edit.as_ref().filter(|_| ask_usage);
-    let rename = parsed.model != upstream_model;
-    if usage.is_none() && !rename {
-        return Chunks::one(body.clone());
-    }
-    let mut edits: [Option<(Range<usize>, Bytes)>; 2] = [None, None];
-    if rename {
-        let value = if parsed.model_in_form {
-            Bytes::copy_from_slice(upstream_model.as_bytes())
-        } else {
-            json_string(upstream_model)
-        };
-        edits[0] = Some((parsed.model_span.clone(), value));
-    }
-    if let Some(u) = usage {
-        edits[1] = Some((u.range.clone(), Bytes::from_static(u.text.as_bytes())));
-    }
-    if let [Some(a), Some(b)] = &edits {
-        if b.0.start < a.0.start {
-            edits.swap(0, 1);
-        }
-    }
-    let mut parts: [Bytes; 5] = Default::default();
-    let mut n = 0;
-    let mut at = 0;
-    for (range, text) in edits.into_iter().flatten() {
-        // Spans come from this very body; one that does not fit would be a
-        // bug, and then the client's bytes go on unchanged, not a panic.
-        if at > range.start || range.start > range.end || range.end > body.len() {
-            return Chunks::one(body.clone());
-        }
-        parts[n] = body.slice(at..range.start);
-        parts[n + 1] = text;
-        n += 2;
-        at = range.end;
-    }
-    parts[n] = body.slice(at..);
-    Chunks::from_parts(parts)
-}
-
-/// `s` as a JSON string literal; without escapes to make (a model name
-/// nearly always), no serializer is involved.
-fn json_string(s: &str) -> Bytes {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        let mut out = BytesMut::with_capacity(s.len() + 2);
-        out.extend_from_slice(b"\"");
-        out.extend_from_slice(s.as_bytes());
-        out.extend_from_slice(b"\"");
-        return out.freeze();
-    }
-    Bytes::from(serde_json::Value::String(s.to_owned()).to_string())
-}
-
-/// The body with only the model replaced.
-pub fn with_model(body: &Bytes, parsed: &Parsed, upstream_model: &str) -> Bytes {
-    upstream_body(body, parsed, upstream_model, false).concat()
-}
+mod splice;
+pub use splice::{upstream_body, with_model};
 
 pub mod form;
 /// Response ids are opaque tokens; anything else (slashes, dots-dots,

@@ -1,3 +1,5 @@
+use bytes::Bytes;
+
 use super::*;
 
 fn chat(body: &str) -> Result<Parsed, ApiError> {
