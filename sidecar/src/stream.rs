@@ -64,6 +64,8 @@ pub struct End {
 
 pub trait OnEnd: Send + 'static {
     fn on_end(self, end: End);
+    /// The first upstream chunk arrived (the model has started answering).
+    fn on_first_chunk(&mut self) {}
 }
 
 type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
@@ -244,6 +246,9 @@ impl<H: OnEnd> Stream for Observed<H> {
                         let now = Instant::now();
                         this.first_chunk = Some(now.into_std());
                         this.timer.as_mut().reset(now + this.idle);
+                        if let Some(hook) = this.hook.as_mut() {
+                            hook.on_first_chunk();
+                        }
                     }
                     let passed = this.pass(chunk);
                     if this.hook.is_none() {
