@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::http::{header, HeaderMap, HeaderValue};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use infergate_sidecar::attest::{Algo, Answer, Record, Records, Signer};
-use infergate_sidecar::balance::{pick, Tried};
+use infergate_sidecar::balance::{pick, Prefix, Tried};
 use infergate_sidecar::config::{hash_key, GatewayConfig};
 use infergate_sidecar::peers::Owner;
 use infergate_sidecar::table::Table;
@@ -86,7 +86,11 @@ fn balance(c: &mut Criterion) {
         });
         let pa = table.route("prefixAffinity").unwrap();
         g.bench_function(format!("prefix_bounded/{n}"), |b| {
-            b.iter(|| black_box(pick(pa, None, Some(black_box(1234)), Tried::default(), 0)))
+            let prefix = Prefix {
+                key: 1234,
+                bytes: 16_000,
+            };
+            b.iter(|| black_box(pick(pa, None, Some(black_box(prefix)), Tried::default(), 0)))
         });
         g.bench_function(format!("rendezvous/{n}"), |b| {
             b.iter(|| {

@@ -2,6 +2,7 @@
 //! seed's approach to streaming, kept here (not in the sidecar) so nothing
 //! in the product is public only for benchmarks.
 
+pub mod routing_report;
 pub mod workloads;
 
 use std::sync::Mutex;

@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
 use crate::attest::{Answer, Record, Unsigned};
+use crate::backlog::Waiting;
 use crate::metrics::{BackendLabels, ErrorLabels, Metrics, ReasonLabels, TokenLabels};
 use crate::peers::Owner;
 use crate::quota::{KeySlot, TokenReservation};
@@ -119,7 +120,14 @@ impl Exchange {
 }
 
 impl OnEnd for Exchange {
+    fn on_first_chunk(&mut self) {
+        self.slot.release(self.status.is_success());
+    }
+
     fn on_end(mut self, end: End) {
+        // A whole (not streamed) answer: its first token came with the rest.
+        self.slot
+            .release(self.status.is_success() && end.cause == EndCause::Completed);
         let m = &self.state.metrics;
         let duration = self.received.elapsed();
         let route = &self.route;
@@ -228,6 +236,8 @@ pub struct Slot {
     backend: Arc<Backend>,
     gauge: Gauge,
     freed: Arc<Notify>,
+    /// In the backend's backlog until the first chunk arrives.
+    waiting: Option<Waiting>,
 }
 
 impl Slot {
@@ -257,12 +267,29 @@ impl Slot {
             backend: backend.clone(),
             gauge,
             freed: state.slot_freed.clone(),
+            waiting: None,
         })
+    }
+
+    /// In the backend's backlog (when `cold`) until the answer starts; its
+    /// key is held there once it did (see `backlog`).
+    pub fn wait(&mut self, key: Option<u64>, bytes: u64, cold: bool) {
+        self.release(false);
+        self.waiting = Some(self.backend.counters.backlog.admit(key, bytes, cold));
+    }
+
+    /// The answer started (`ran`: and it is not an error, so the prompt was
+    /// read into the pod's cache), or will not.
+    pub fn release(&mut self, ran: bool) {
+        if let Some(w) = self.waiting.take() {
+            self.backend.counters.backlog.release(w, ran);
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.release(false);
         self.backend
             .counters
             .in_flight

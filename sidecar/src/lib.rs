@@ -15,6 +15,7 @@ pub mod admin;
 pub mod api;
 pub mod attest;
 pub mod auth;
+pub mod backlog;
 pub mod balance;
 pub use infergate_config as config;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod report;
 mod respond;
 pub mod responses;
 pub mod serve;
+pub mod spill;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod sse;
 pub mod store;

@@ -13,9 +13,13 @@
 //! and fades linearly to this sidecar's own view between `FRESH_MS` and
 //! `STALE_MS` of age, so a silent peer cannot pin an old number. A pod whose
 //! metrics were there and vanished counts as over every bound: it is chosen
-//! only when nothing else is left.
+//! only when nothing else is left. A pod's sidecar also reports the pod's
+//! prefill backlog and the keys it holds (see `backlog`); the backlog is
+//! used and faded like the load.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use crate::backlog::{AtomicBloom, Bloom, COLD_KEYS};
 
 /// A sample younger than this is taken whole.
 pub const FRESH_MS: u64 = 1_000;
@@ -45,6 +49,14 @@ pub struct Signal {
     at_ms: AtomicU64,
     /// Metrics were seen and are gone now.
     vanished: AtomicBool,
+    /// Bytes of cold prefill waiting at the pod when sampled (`backlog`),
+    /// and this sidecar's own share then.
+    backlog: AtomicU64,
+    backlog_local_at: AtomicU64,
+    /// From the pod's sidecar: the keys of the cold prefills waiting, and
+    /// the keys the pod was sent lately (a Bloom filter; empty = unknown).
+    cold: [AtomicU64; COLD_KEYS],
+    bloom: AtomicBloom,
 }
 
 /// A sample as the poller or a peer delivers it.
@@ -52,14 +64,23 @@ pub struct Signal {
 pub struct Sample {
     pub queue: u32,
     pub kv_permille: u32,
+    /// Bytes of cold prefill waiting (see `backlog`); vLLM's metrics do
+    /// not have it, only the pod's sidecar (0 from an older one).
+    #[serde(default)]
+    pub backlog: u64,
 }
 
 impl Signal {
-    pub fn record(&self, sample: Sample, local_in_flight: u32, now_ms: u64) {
+    /// `local_*`: this sidecar's own in-flight count and backlog for the
+    /// backend now (its share of what the sample counts).
+    pub fn record(&self, sample: Sample, local_in_flight: u32, local_backlog: u64, now_ms: u64) {
         self.queue.store(sample.queue, Ordering::Relaxed);
         self.kv_permille
             .store(sample.kv_permille, Ordering::Relaxed);
         self.local_at.store(local_in_flight, Ordering::Relaxed);
+        self.backlog.store(sample.backlog, Ordering::Relaxed);
+        self.backlog_local_at
+            .store(local_backlog, Ordering::Relaxed);
         self.at_ms.store(now_ms.max(1), Ordering::Relaxed);
         self.vanished.store(false, Ordering::Relaxed);
     }
@@ -76,6 +97,49 @@ impl Signal {
         self.vanished.load(Ordering::Relaxed)
     }
 
+    /// What the pod's sidecar says of the keys there (see `Backlog`).
+    pub fn record_keys(&self, cold: &[u64], bloom: Option<&Bloom>) {
+        for (i, slot) in self.cold.iter().enumerate() {
+            slot.store(cold.get(i).copied().unwrap_or(0), Ordering::Relaxed);
+        }
+        if let Some(b) = bloom {
+            self.bloom.set(b);
+        }
+    }
+
+    /// The sample's age, while it counts at all.
+    fn live_age(&self, now_ms: u64) -> Option<u64> {
+        let at = self.at_ms.load(Ordering::Relaxed);
+        let age = now_ms.saturating_sub(at);
+        (at != 0 && !self.vanished() && age < STALE_MS).then_some(age)
+    }
+
+    /// Backlog bytes at the pod: the sample moved by this sidecar's own
+    /// since, faded to its own as the sample ages (as `estimate`).
+    pub fn backlog(&self, local: u64, now_ms: u64) -> f64 {
+        match self.live_age(now_ms) {
+            Some(age) => fade(
+                local as f64,
+                self.backlog.load(Ordering::Relaxed) as f64,
+                self.backlog_local_at.load(Ordering::Relaxed) as f64,
+                age,
+            ),
+            None => local as f64,
+        }
+    }
+
+    /// The pod's sidecar said a cold request of this key is waiting there.
+    pub fn prefilling(&self, key: u64, now_ms: u64) -> bool {
+        let k = key.max(1);
+        self.live_age(now_ms).is_some() && self.cold.iter().any(|c| c.load(Ordering::Relaxed) == k)
+    }
+
+    /// The pod's sidecar said the pod was sent this key lately (a cache
+    /// outlives a silent peer, so this does not fade).
+    pub fn holds(&self, key: u64) -> bool {
+        !self.vanished() && self.bloom.contains(key)
+    }
+
     /// The sample, if one arrived and its metrics have not vanished since.
     pub fn sample(&self) -> Option<(Sample, u32, u64)> {
         let at = self.at_ms.load(Ordering::Relaxed);
@@ -84,6 +148,7 @@ impl Signal {
                 Sample {
                     queue: self.queue.load(Ordering::Relaxed),
                     kv_permille: self.kv_permille.load(Ordering::Relaxed),
+                    backlog: self.backlog.load(Ordering::Relaxed),
                 },
                 self.local_at.load(Ordering::Relaxed),
                 at,
@@ -113,8 +178,11 @@ impl Signal {
 /// were part of the queue), never below its own count, faded to the own
 /// count as the sample ages.
 pub fn estimate(local: u32, queue: u32, local_at: u32, age_ms: u64) -> f64 {
-    let local_f = local as f64;
-    let fleet = (queue as f64 + local_f - local_at as f64).max(local_f);
+    fade(local as f64, queue as f64, local_at as f64, age_ms)
+}
+
+fn fade(local_f: f64, sampled: f64, local_at: f64, age_ms: u64) -> f64 {
+    let fleet = (sampled + local_f - local_at).max(local_f);
     let weight = if age_ms <= FRESH_MS {
         1.0
     } else if age_ms >= STALE_MS {
@@ -144,6 +212,7 @@ impl VllmMetrics {
         Sample {
             queue: (self.running + self.waiting).clamp(0.0, u32::MAX as f64) as u32,
             kv_permille: (self.kv_usage.unwrap_or(0.0) * 1000.0).clamp(0.0, 1000.0) as u32,
+            backlog: 0,
         }
     }
 }
@@ -230,7 +299,8 @@ vllm:generation_tokens_total{engine="0",model_name="x"} 9.0
             m.sample(),
             Sample {
                 queue: 9,
-                kv_permille: 250
+                kv_permille: 250,
+                backlog: 0
             }
         );
     }
@@ -273,7 +343,9 @@ vllm:generation_tokens_total{engine="0",model_name="x"} 9.0
             Sample {
                 queue: 4,
                 kv_permille: 0,
+                backlog: 0,
             },
+            0,
             0,
             10,
         );
@@ -284,10 +356,38 @@ vllm:generation_tokens_total{engine="0",model_name="x"} 9.0
             Sample {
                 queue: 1,
                 kv_permille: 0,
+                backlog: 0,
             },
+            0,
             0,
             20,
         );
         assert_eq!(s.estimate(0, 20), Some(1.0));
+    }
+
+    #[test]
+    fn a_pods_backlog_and_keys_from_its_sidecar_count_while_fresh() {
+        let s = Signal::default();
+        let sample = Sample {
+            queue: 1,
+            kv_permille: 0,
+            backlog: 4000,
+        };
+        // This sidecar had 1000 of that backlog in flight when it came.
+        s.record(sample, 1, 1000, 10);
+        let mut held = Bloom::default();
+        held.insert(7);
+        s.record_keys(&[9], Some(&held));
+        assert_eq!(s.backlog(1000, 10), 4000.0);
+        // Its own 1000 started since: 3000 left.
+        assert_eq!(s.backlog(0, 10), 3000.0);
+        assert!(s.prefilling(9, 10) && !s.prefilling(7, 10));
+        assert!(s.holds(7) && !s.holds(9));
+        // Stale: only its own view; what the pod holds outlives that.
+        assert_eq!(s.backlog(0, 10 + STALE_MS), 0.0);
+        assert!(!s.prefilling(9, 10 + STALE_MS));
+        assert!(s.holds(7));
+        s.lost();
+        assert!(!s.holds(7));
     }
 }

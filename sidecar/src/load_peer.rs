@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use crate::backlog::Bloom;
 use crate::config::BackendId;
 use crate::error::ApiError;
 use crate::load::{parse_vllm, Sample, METRICS_PERIOD_MS, PEER_PERIOD_MS};
@@ -40,6 +41,12 @@ pub struct Entry {
     pub id: BackendId,
     /// `None` when the pod's metrics vanished.
     pub load: Option<Sample>,
+    /// Keys of the cold prefills waiting at the pod (see `backlog`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cold: Vec<u64>,
+    /// The keys the pod was sent lately.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holds: Option<Bloom>,
 }
 
 /// Backends served here (not through another sidecar), that are ours to
@@ -61,21 +68,27 @@ pub async fn serve(
     }
     let table = s.table.load();
     let now = now_ms();
-    let backends = local(&table, &s.peers)
-        .map(|b| Entry {
-            id: b.id.clone(),
-            // Its own count already includes the hops peers sent here.
-            load: b.load(now).map(|l| Sample {
-                queue: l.round().clamp(0.0, u32::MAX as f64) as u32,
-                kv_permille: b
-                    .counters
-                    .signal
-                    .sample()
-                    .map_or(0, |(s, _, _)| s.kv_permille),
-            }),
-        })
-        .collect();
+    let backends = local(&table, &s.peers).map(|b| entry(b, now)).collect();
     Ok(Json(Report { backends }))
+}
+
+/// What this sidecar knows of one of its own pods.
+pub fn entry(b: &Backend, now: u64) -> Entry {
+    Entry {
+        id: b.id.clone(),
+        // Its own counts already include the hops peers sent here.
+        load: b.load(now).map(|l| Sample {
+            queue: l.round().clamp(0.0, u32::MAX as f64) as u32,
+            kv_permille: b
+                .counters
+                .signal
+                .sample()
+                .map_or(0, |(s, _, _)| s.kv_permille),
+            backlog: b.counters.backlog.bytes(),
+        }),
+        cold: b.counters.backlog.cold_keys(),
+        holds: Some(b.counters.backlog.bloom()),
+    }
 }
 
 /// Piggy-backs load on hop answers, at response-header time: a sidecar
@@ -103,18 +116,17 @@ pub fn on_answer(
             .and_then(|v| v.parse::<i64>().ok());
         match value {
             Some(-1) => backend.counters.signal.lost(),
-            Some(n) if n >= 0 => backend.counters.signal.record(
-                Sample {
-                    queue: n.min(u32::MAX as i64) as u32,
-                    kv_permille: backend
-                        .counters
-                        .signal
-                        .sample()
-                        .map_or(0, |(s, _, _)| s.kv_permille),
-                },
-                backend.in_flight(),
-                now,
-            ),
+            Some(n) if n >= 0 => {
+                let last = backend.counters.signal.sample().map(|(s, _, _)| s);
+                backend.record(
+                    Sample {
+                        queue: n.min(u32::MAX as i64) as u32,
+                        kv_permille: last.map_or(0, |s| s.kv_permille),
+                        backlog: last.map_or(0, |s| s.backlog),
+                    },
+                    now,
+                )
+            }
             _ => {}
         }
     }
@@ -165,10 +177,7 @@ async fn poll(state: &AppState, metrics: bool) {
                 resp.text().await.ok()
             };
             match text.await.as_deref().and_then(parse_vllm) {
-                Some(m) => b
-                    .counters
-                    .signal
-                    .record(m.sample(), b.in_flight(), now_ms()),
+                Some(m) => b.record(m.sample(), now_ms()),
                 None => b.counters.signal.lost(),
             }
         });
@@ -227,7 +236,10 @@ pub fn apply(table: &Table, peer: &str, report: &Report) {
             continue;
         }
         match e.load {
-            Some(sample) => b.counters.signal.record(sample, b.in_flight(), now_ms()),
+            Some(sample) => {
+                b.record(sample, now_ms());
+                b.counters.signal.record_keys(&e.cold, e.holds.as_ref());
+            }
             None => b.counters.signal.lost(),
         }
     }
@@ -255,32 +267,23 @@ models:
             Some(Sample {
                 queue,
                 kv_permille: 0,
+                backlog: 0,
             })
         };
+        let entry = |id: &str, load| Entry {
+            id: id.into(),
+            load,
+            cold: Vec::new(),
+            holds: None,
+        };
         let report = Report {
-            backends: vec![
-                Entry {
-                    id: "a".into(),
-                    load: s(7),
-                },
-                Entry {
-                    id: "b".into(),
-                    load: s(9),
-                },
-                Entry {
-                    id: "nope".into(),
-                    load: s(1),
-                },
-            ],
+            backends: vec![entry("a", s(7)), entry("b", s(9)), entry("nope", s(1))],
         };
         apply(&t, "http://side-a", &report);
         assert_eq!(t.backends["a"].load(now_ms()), Some(7.0));
         assert_eq!(t.backends["b"].load(now_ms()), Some(0.0));
         let gone = Report {
-            backends: vec![Entry {
-                id: "a".into(),
-                load: None,
-            }],
+            backends: vec![entry("a", None)],
         };
         apply(&t, "http://side-a", &gone);
         assert_eq!(t.backends["a"].load(now_ms()), None);

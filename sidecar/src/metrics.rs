@@ -82,6 +82,8 @@ pub struct Metrics {
     pub completion_tokens: Family<TokenLabels, Counter>,
     pub usage_dropped: Counter,
     pub quota_fallbacks: Counter,
+    /// Peers' prefix-affinity hops turned away here (see `spill`).
+    pub spills: Family<BackendLabels, Counter>,
 }
 
 type HistogramFactory = fn() -> Histogram;
@@ -120,6 +122,7 @@ impl Default for Metrics {
             completion_tokens: Family::default(),
             usage_dropped: Counter::default(),
             quota_fallbacks: Counter::default(),
+            spills: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -202,6 +205,12 @@ impl Default for Metrics {
             "quota_fallbacks",
             "Quota decisions made on the local share because the cluster quota store did not answer",
             m.quota_fallbacks.clone(),
+        );
+        registry.register(
+            "prefix_spills",
+            "Peers' prefix-affinity choices of a backend turned away here because its \
+             exact prefill backlog made another backend cheaper, by backend",
+            m.spills.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -17,12 +17,14 @@ use axum::http::{header, HeaderMap, Method, Response};
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
-use crate::balance::{self, Tried};
+use crate::balance::{self, Prefix, Tried};
+use crate::config::Strategy;
 use crate::error::ApiError;
 use crate::exchange::{Exchange, Slot};
 use crate::metrics::ErrorLabels;
 use crate::peers::{self, Reach};
 use crate::respond::respond;
+use crate::spill;
 use crate::table::{now_ms, now_ns, Backend, KeyEntry, Route, Table};
 use crate::upstream::{send, Chunks, Deadline, Failure};
 use crate::validate::{self, Endpoint, Parsed};
@@ -114,13 +116,28 @@ pub async fn forward(
         _ => None,
     };
     let session = session_key(route, &headers, &parsed);
-    let prefix = pinned
-        .is_none()
-        .then(|| crate::prefix::route_key(route, &body, &parsed.prefix))
-        .flatten();
+    // Also on a hop: the sidecar next to the pod keeps the pod's backlog
+    // and the keys it was sent, for every request it gets.
+    let prefix = crate::prefix::route_key(route, &body, &parsed.prefix).map(|key| Prefix {
+        key,
+        bytes: body.len() as u64,
+    });
     // Streams always ask the upstream for usage (quotas need the count);
     // a client that did not ask does not get the usage event.
     let strip_usage = parsed.usage_edit.is_some();
+    // A peer's prefix-affinity choice that this pod's exact backlog says
+    // another backend would serve sooner goes back to the peer (`spill`).
+    if let (Some(_), Some(i)) = (&hop, pinned) {
+        let backend = &route.targets[i].backend;
+        if let Some(answer) = spill::turn_away(&state, route, backend, prefix, &headers) {
+            return Ok(answer);
+        }
+    }
+    // Only a choice this sidecar made by prefix may be turned away.
+    let spillable = pinned.is_none()
+        && session.is_none()
+        && route.strategy == Strategy::PrefixAffinity
+        && prefix.is_some();
 
     let queue_deadline = tokio::time::Instant::now() + Duration::from_millis(table.limits.queue_ms);
     loop {
@@ -133,16 +150,34 @@ pub async fn forward(
         } else {
             route.targets.len().min(MAX_ATTEMPTS)
         };
-        for _ in 0..attempts {
+        // Offers a peer may turn away (not counted as attempts: nothing
+        // ran); with none left, the choice is taken where it lands.
+        let mut offers = if spillable {
+            route.targets.len().saturating_sub(1).min(spill::MAX_OFFERS)
+        } else {
+            0
+        };
+        let mut attempt = 0;
+        while attempt < attempts {
+            attempt += 1;
             let Some(i) = pinned.or_else(|| balance::pick(route, session, prefix, tried, now_ms()))
             else {
                 break;
             };
             tried.add(i);
             let target = &route.targets[i];
-            let Some(slot) = Slot::acquire(&target.backend, &state) else {
+            let Some(mut slot) = Slot::acquire(&target.backend, &state) else {
                 continue;
             };
+            // Only a stream's first token is seen: a whole answer is not
+            // counted as waiting (its prefill is unseen), only its key kept.
+            let prefix_key = prefix.map(|p| p.key);
+            let cold = prefix_key.is_none_or(|k| {
+                let v = target.backend.view(k, now_ms());
+                !(v.holds || v.prefilling)
+            });
+            slot.wait(prefix_key, body.len() as u64, cold && parsed.stream);
+            let mut offered = false;
             let via = match state.peers.reach(&target.backend, hop.is_some()) {
                 Reach::Here => None,
                 Reach::Peer(peer) => Some(peer),
@@ -155,13 +190,19 @@ pub async fn forward(
                 // The peer gets the client's bytes; it resolves the alias
                 // and asks for usage itself.
                 Some(peer) => {
-                    let signed = state.peers.hop_headers(
+                    let mut signed = state.peers.hop_headers(
                         &headers,
                         &Method::POST,
                         endpoint.path(),
                         request_sha256.get_or_insert_with(|| sha256(&body)),
                         Some(target.backend.id.as_str()),
                     );
+                    if let (true, Some(p)) = (offers > 0, prefix) {
+                        if let Some(cost) = balance::next_best(route, p, tried, now_ms()) {
+                            spill::offer(&mut signed, cost);
+                            offered = true;
+                        }
+                    }
                     (Chunks::one(body.clone()), Some((peer, signed)))
                 }
                 None => (
@@ -185,6 +226,20 @@ pub async fn forward(
             )
             .await;
             match outcome {
+                Ok(resp) if offered && spill::is_refusal(&resp) => {
+                    // Nothing ran there. Its fresh numbers guide the next
+                    // choice, which may still be this backend, if the others
+                    // turn out no better. (Its slot goes first, so the
+                    // numbers are taken against what is still in flight.)
+                    drop(slot);
+                    if let Some(peer) = via {
+                        spill::record_refusal(&table, peer, resp).await;
+                    }
+                    tried.remove(i);
+                    offers -= 1;
+                    attempt -= 1;
+                    last_error = Some(ApiError::NoBackend(route.name.clone()));
+                }
                 Ok(resp) if resp.status().is_server_error() && via.is_none() => {
                     // The upstream is done with this request: another
                     // backend may try, and nothing runs twice at once.

@@ -66,6 +66,8 @@ pub struct End {
 
 pub trait OnEnd: Send + 'static {
     fn on_end(self, end: End);
+    /// The first upstream chunk arrived (the model has started answering).
+    fn on_first_chunk(&mut self) {}
 }
 
 pub struct Observed<S, H: OnEnd> {
@@ -282,6 +284,9 @@ where
                         let now = Instant::now();
                         this.first_chunk = Some(now.into_std());
                         this.timer.as_mut().reset(now + this.idle);
+                        if let Some(hook) = this.hook.as_mut() {
+                            hook.on_first_chunk();
+                        }
                     }
                     let passed = this.pass(chunk);
                     if this.hook.is_none() {

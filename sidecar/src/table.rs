@@ -100,6 +100,8 @@ pub struct Backend {
 #[derive(Default)]
 pub struct BackendCounters {
     pub in_flight: AtomicU32,
+    /// Cold prefill waiting there, and the keys it holds (see `backlog`).
+    pub backlog: crate::backlog::Backlog,
     /// Milliseconds since `clock_origin()` before which the backend rests.
     pub ejected_until_ms: AtomicU64,
     pub consecutive_failures: AtomicU32,
@@ -128,6 +130,29 @@ impl Backend {
     /// Fleet-wide load estimate; `None` when the pod's metrics vanished.
     pub fn load(&self, now_ms: u64) -> Option<f64> {
         self.counters.signal.estimate(self.in_flight(), now_ms)
+    }
+
+    /// What this sidecar knows of the backend's prefill backlog and cache,
+    /// for a request keyed `key`: its own sends, and what the pod's
+    /// sidecar last said.
+    pub fn view(&self, key: u64, now_ms: u64) -> crate::backlog::View {
+        let (own, signal) = (&self.counters.backlog, &self.counters.signal);
+        crate::backlog::View {
+            backlog: signal.backlog(own.bytes(), now_ms),
+            holds: own.holds(key) || signal.holds(key),
+            prefilling: own.prefilling(key) || signal.prefilling(key, now_ms),
+        }
+    }
+
+    /// Records a load sample for the backend, against this sidecar's own
+    /// counts now.
+    pub fn record(&self, sample: crate::load::Sample, now_ms: u64) {
+        self.counters.signal.record(
+            sample,
+            self.in_flight(),
+            self.counters.backlog.bytes(),
+            now_ms,
+        );
     }
 
     /// Passive health: rest for `base` doubled per consecutive failure (max 8x).

@@ -18,17 +18,22 @@
 //! robin, least-in-flight, sticky by user, prefix affinity with bounded
 //! load, and prefix affinity with every request entering one sidecar (the
 //! single-global-router reference for hit rate). Hit rate is read from the
-//! pods' own `vllm:prefix_cache_*` metrics.
+//! pods' own `vllm:prefix_cache_*` metrics; "hops turned away" sums the
+//! sidecars' `infergate_prefix_spills_total` over the run.
 //!
 //! Run: `benches/run-routing` (release build, about two minutes).
+//! `ROUTING_WORKLOADS=skewed` and `ROUTING_STRATEGIES="least-in-flight;prefix
+//! affinity"` (names as in the table, `;`-separated) run a subset; with
+//! `ROUTING_TRACE=1` every request's send time, user, entry sidecar,
+//! TTFT and pod go to stderr (`TRACE` lines), to see where a tail comes from.
 
-use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use infergate_benches::routing_report::{markdown, svg, Row};
 use infergate_benches::workloads::{documents, multi_turn, skewed, Rng, Session};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -153,6 +158,30 @@ struct Outcome {
     secs: f64,
     hits: f64,
     queries: f64,
+    /// Hops turned away by the pod's sidecar (`infergate_prefix_spills`).
+    spills: f64,
+}
+
+/// Sum of every sidecar's `infergate_prefix_spills_total`.
+async fn spills(client: &reqwest::Client, sidecars: &[Proc]) -> f64 {
+    let mut n = 0.0;
+    for s in sidecars {
+        let text = client
+            .get(format!("{}/metrics", s.admin.as_ref().unwrap()))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        n += text
+            .lines()
+            .filter(|l| l.starts_with("infergate_prefix_spills_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    n
 }
 
 async fn send(
@@ -236,6 +265,7 @@ async fn run(sessions: &Arc<Vec<Session>>, sidecars: &[Proc], strategy: &Strateg
     // Let every sidecar read its pod and its peers once.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let urls: Arc<Vec<String>> = Arc::new(sidecars.iter().map(|s| s.url.clone()).collect());
+    let spills_before = spills(&client, sidecars).await;
     let start = Instant::now();
     let tasks: Vec<_> = (0..sessions.len())
         .map(|i| {
@@ -248,8 +278,19 @@ async fn run(sessions: &Arc<Vec<Session>>, sidecars: &[Proc], strategy: &Strateg
                 for (t, (body, think)) in s.turns.iter().enumerate() {
                     tokio::time::sleep(Duration::from_millis(*think)).await;
                     let entry = if single { 0 } else { s.entry[t] };
-                    let warm = start.elapsed() >= Duration::from_millis(WARM_MS);
-                    out.push((warm, send(&client, &urls[entry], body).await));
+                    let at = start.elapsed();
+                    let warm = at >= Duration::from_millis(WARM_MS);
+                    let r = send(&client, &urls[entry], body).await;
+                    if std::env::var_os("ROUTING_TRACE").is_some() {
+                        eprintln!(
+                            "TRACE {} {} {} {:?}",
+                            at.as_millis(),
+                            body["user"].as_str().unwrap_or(""),
+                            entry,
+                            r
+                        );
+                    }
+                    out.push((warm, r));
                 }
                 out
             })
@@ -273,6 +314,7 @@ async fn run(sessions: &Arc<Vec<Session>>, sidecars: &[Proc], strategy: &Strateg
         }
     }
     o.secs = start.elapsed().as_secs_f64();
+    o.spills = spills(&client, sidecars).await - spills_before;
     for p in &pods {
         let text = client
             .get(format!("{}/metrics", p.url))
@@ -296,18 +338,6 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-struct Row {
-    workload: &'static str,
-    strategy: &'static str,
-    hit: f64,
-    p50: f64,
-    p99: f64,
-    warm_p99: f64,
-    rps: f64,
-    busiest: f64,
-    errors: usize,
 }
 
 #[tokio::main]
@@ -368,7 +398,14 @@ async fn main() {
         }
         let sessions = Arc::new(sessions);
         let n: usize = sessions.iter().map(|s| s.turns.len()).sum();
+        let pick = std::env::var("ROUTING_STRATEGIES").ok();
         for strategy in &STRATEGIES {
+            if pick
+                .as_deref()
+                .is_some_and(|p| !p.split(';').any(|s| s == strategy.name))
+            {
+                continue;
+            }
             let o = run(&sessions, &sidecars, strategy).await;
             let served: usize = o.per_pod.iter().sum();
             let row = Row {
@@ -381,9 +418,10 @@ async fn main() {
                 rps: o.ttft_ms.len() as f64 / o.secs,
                 busiest: *o.per_pod.iter().max().unwrap() as f64 / served.max(1) as f64,
                 errors: o.errors,
+                turned_away: o.spills,
             };
             eprintln!(
-                "{name:<11} {:<17} n={n} hit {:>5.1}%  ttft p50 {:>7.1} ms p99 {:>7.1} ms (warm {:>7.1})  {:>5.1} req/s  busiest {:>4.1}%  errors {}  pods {:?}",
+                "{name:<11} {:<17} n={n} hit {:>5.1}%  ttft p50 {:>7.1} ms p99 {:>7.1} ms (warm {:>7.1})  {:>5.1} req/s  busiest {:>4.1}%  errors {}  spills {}  pods {:?}",
                 row.strategy,
                 row.hit * 100.0,
                 row.p50,
@@ -392,6 +430,7 @@ async fn main() {
                 row.rps,
                 row.busiest * 100.0,
                 row.errors,
+                o.spills,
                 o.per_pod
             );
             rows.push(row);
@@ -399,87 +438,8 @@ async fn main() {
     }
     let md = markdown(&rows);
     std::fs::write(out_dir.join("routing.md"), &md).unwrap();
-    std::fs::write(out_dir.join("routing.svg"), svg(&rows)).unwrap();
+    let names: Vec<&str> = STRATEGIES.iter().map(|s| s.name).collect();
+    std::fs::write(out_dir.join("routing.svg"), svg(&rows, &names)).unwrap();
     println!("{md}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn markdown(rows: &[Row]) -> String {
-    let mut s = String::from(
-        "| workload | strategy | prefix-cache hit | TTFT p50 | TTFT p99 | p99 warm | req/s | busiest pod | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    for r in rows {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.1}% | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} | {:.0}% | {} |",
-            r.workload,
-            r.strategy,
-            r.hit * 100.0,
-            r.p50,
-            r.p99,
-            r.warm_p99,
-            r.rps,
-            r.busiest * 100.0,
-            r.errors
-        );
-    }
-    s
-}
-
-/// Hit rate (bars) per workload and strategy.
-fn svg(rows: &[Row]) -> String {
-    let colors = ["#999999", "#6a9fd4", "#d4a76a", "#2e8b57", "#8fbc8f"];
-    let (w, h, left, top, bar, gap) = (720.0, 300.0, 50.0, 30.0, 22.0, 40.0);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"18\">prefix-cache hit rate (from the pods' vLLM metrics), 4 pods</text>\n"
-    );
-    let plot_h = h - top - 50.0;
-    let mut x = left;
-    let mut last = "";
-    for r in rows {
-        if r.workload != last {
-            if !last.is_empty() {
-                x += gap;
-            }
-            let _ = writeln!(
-                s,
-                "<text x=\"{x}\" y=\"{}\">{}</text>",
-                h - 15.0,
-                r.workload
-            );
-            last = r.workload;
-        }
-        let i = STRATEGIES
-            .iter()
-            .position(|st| st.name == r.strategy)
-            .unwrap_or(0);
-        let bh = plot_h * r.hit.clamp(0.0, 1.0);
-        let _ = writeln!(
-            s,
-            "<rect x=\"{x}\" y=\"{}\" width=\"{bar}\" height=\"{bh}\" fill=\"{}\"><title>{} {}: {:.1}%</title></rect><text x=\"{}\" y=\"{}\" font-size=\"9\">{:.0}</text>",
-            top + plot_h - bh,
-            colors[i],
-            r.workload,
-            r.strategy,
-            r.hit * 100.0,
-            x + 2.0,
-            top + plot_h - bh - 3.0,
-            r.hit * 100.0
-        );
-        x += bar + 2.0;
-    }
-    for (i, st) in STRATEGIES.iter().enumerate() {
-        let lx = w - 150.0;
-        let ly = top + 14.0 * i as f64;
-        let _ = writeln!(
-            s,
-            "<rect x=\"{lx}\" y=\"{ly}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>",
-            colors[i],
-            lx + 14.0,
-            ly + 9.0,
-            st.name
-        );
-    }
-    s.push_str("</svg>\n");
-    s
 }

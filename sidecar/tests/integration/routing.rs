@@ -211,3 +211,99 @@ fn session_for(gw: &Gateway, backend: &str) -> String {
         })
         .unwrap()
 }
+
+/// The pod a request's prefix lands on from `gw` now.
+async fn owner_of(gw: &Gateway, messages: &Value) -> String {
+    let resp = post_chat(
+        gw,
+        KEY,
+        &json!({"model": "m", "stream": true, "messages": messages}),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let backend = resp.headers()["x-infergate-backend"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    resp.bytes().await.unwrap();
+    backend
+}
+
+#[tokio::test]
+async fn a_pods_sidecar_turns_away_a_choice_its_backlog_makes_slower() {
+    let (gws, sims) = fleet(2).await;
+    // A conversation whose pod is b1, entered at sidecar 0 (which then
+    // knows b1 holds it).
+    let mut messages = None;
+    for i in 0.. {
+        let m = json!([{"role": "user", "content": format!("question {i}")}]);
+        if owner_of(&gws[0], &m).await == "b1" {
+            messages = Some(m);
+            break;
+        }
+    }
+    let messages = messages.unwrap();
+    gws[0].settle().await;
+    gws[1].settle().await;
+    // A long cold prompt waits at b1 for its first token (held before
+    // its headers), through b1's own sidecar: sidecar 0 has not heard.
+    let long = "w ".repeat(20_000);
+    let held = client()
+        .post(format!("{}/v1/chat/completions", gws[1].url))
+        .bearer_auth(KEY)
+        .header("x-sim-fault", "slow-headers:2000")
+        .header("x-session-id", session_for(&gws[1], "b1"))
+        .json(
+            &json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": long}]}),
+        )
+        .send();
+    let held = tokio::spawn(held);
+    wait_for(|| gws[1].in_flight("b1") == 1).await;
+    let b1_before = sims[1].sim.engine().prefix_cache().0;
+
+    // The conversation goes on at sidecar 0: its choice, b1, is turned
+    // away by b1's sidecar (40 KB of prefill ahead against a short prompt
+    // anywhere else), and it runs once, on b0.
+    let resp = post_chat(
+        &gws[0],
+        KEY,
+        &json!({"model": "m", "stream": true, "messages": messages}),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-infergate-backend"], "b0");
+    assert!(resp.headers().get("x-infergate-spilled").is_none());
+    resp.bytes().await.unwrap();
+    assert_eq!(sims[1].sim.engine().prefix_cache().0, b1_before);
+    assert!(
+        gws[1]
+            .metrics()
+            .await
+            .contains(r#"infergate_prefix_spills_total{backend="b1"} 1"#),
+        "{}",
+        gws[1].metrics().await
+    );
+    // Sidecar 0 learnt b1's backlog from the refusal, without polling.
+    let table = gws[0].state.table.load();
+    let v = table.backends["b1"].view(0, now_ms());
+    assert!(v.backlog > 40_000.0, "{v:?}");
+
+    // A client cannot make a sidecar turn a request away: the offer is
+    // read only on an authenticated hop.
+    let resp = post_chat(
+        &gws[1],
+        KEY,
+        &json!({"model": "m", "stream": true, "messages": messages}),
+        &[
+            ("x-infergate-spill", "0"),
+            ("x-session-id", &session_for(&gws[1], "b1")),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-infergate-backend"], "b1");
+    resp.bytes().await.unwrap();
+    held.await.unwrap().unwrap().bytes().await.unwrap();
+}
