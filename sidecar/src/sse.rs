@@ -15,7 +15,7 @@ use serde::Deserialize;
 const MAX_CARRY: usize = 1 << 20;
 pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
-static DONE_AFTER_EVENT: LazyLock<Finder<'static>> =
+pub(crate) static DONE_AFTER_EVENT: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\n\ndata: [DONE]\n\n"));
 static EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
 static EVENT_END_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\n\n"));
@@ -88,8 +88,10 @@ impl SseScan {
         // event is spared.
         let single =
             single.unwrap_or_else(|| memchr::memchr(b'\n', &region) == Some(region.len() - 2));
-        let done = region.starts_with(DONE_EVENT)
-            || region.ends_with(DONE_EVENT)
+        // A region starts at an event boundary, so `[DONE]` is an event of
+        // its own only at the start or right after a blank line (not after
+        // other bytes on its line, which a region's end alone would match).
+        let done = after_blank_lines(&region).starts_with(DONE_EVENT)
             || (!single && DONE_AFTER_EVENT.find(&region).is_some());
         let typed_end = !done && region.starts_with(b"event:") && ends_with_terminal(&region);
         if done {
@@ -104,9 +106,16 @@ impl SseScan {
         self.recent = [std::mem::take(&mut self.recent[1]), region];
     }
 
+    /// Reads events up to the terminal one: what follows it in the same
+    /// region is never passed on, so it says nothing of this answer (and
+    /// the findings stay the same however the stream was cut).
     fn inspect(&mut self, events: &[u8]) {
+        let done = &DONE_EVENT[..DONE_EVENT.len() - 2];
         for event in split_events(events) {
             self.inspect_event(event);
+            if self.done || after_blank_lines(event) == done {
+                break;
+            }
         }
     }
 
@@ -148,6 +157,13 @@ impl SseScan {
             self.usage = Some(u.into());
         }
     }
+}
+
+/// `b` without the blank lines it starts with: a region begins at the
+/// last of a run of newlines, so an event may begin with the rest of them.
+pub(crate) fn after_blank_lines(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|&&c| c == b'\n').count();
+    &b[n..]
 }
 
 /// The Responses API's terminal events (it sends no `[DONE]`).
@@ -355,6 +371,32 @@ pub fn error_frame(message: String, code: &str) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[DONE]` is the terminal event only as an event of its own, and the
+    /// findings do not depend on where the stream was cut (fuzz finds).
+    #[test]
+    fn done_is_an_event_of_its_own_however_the_stream_is_cut() {
+        let streams: [&[u8]; 3] = [
+            // Other bytes before `data: [DONE]` on its line: not terminal.
+            b"xxdata: [DONE]\n\ndata: {\"id\":\"a\"}\n\n",
+            // A third newline before it: still its own event.
+            b"data: {\"id\":\"b\"}\n\n\ndata: [DONE]\n\ndata: {\"id\":\"late\"}\n\n",
+            // Events after `[DONE]` in the same read say nothing.
+            b"data: [DONE]\n\ndata: {\"id\":\"late\"}\n\n",
+        ];
+        for stream in streams {
+            let whole = scan_chunks([stream]);
+            for step in 1..stream.len() {
+                let cut = scan_chunks(stream.chunks(step));
+                assert_eq!((whole.done, &whole.id), (cut.done, &cut.id), "step {step}");
+            }
+        }
+        assert!(!scan_chunks([streams[0]]).done);
+        let b = scan_chunks([streams[1]]);
+        assert!(b.done);
+        assert_eq!(b.id.as_deref(), Some("b"));
+        assert_eq!(scan_chunks([streams[2]]).id, None);
+    }
 
     /// The key search reads what a full parse reads, on the shapes upstreams
     /// send and on the ones built to fool it.

@@ -18,7 +18,7 @@ use futures_util::Stream;
 use sha2::{Digest, Sha256};
 use tokio::time::{Instant, Sleep};
 
-use crate::sse::{error_frame, SseScan, DONE_EVENT};
+use crate::sse::{after_blank_lines, error_frame, SseScan, DONE_AFTER_EVENT, DONE_EVENT};
 use crate::upstream::client::body_error_kind;
 use crate::usage_chunk::UsageStrip;
 
@@ -397,8 +397,17 @@ fn event_ends(chunk: &[u8]) -> u64 {
 /// `chunk` up to the end of its `[DONE]` event, if it holds one: what an
 /// upstream sends after its terminal event is not passed on.
 fn through_done(chunk: Bytes) -> Bytes {
-    match memchr::memmem::find(&chunk, DONE_EVENT) {
-        Some(i) if i + DONE_EVENT.len() < chunk.len() => chunk.slice(..i + DONE_EVENT.len()),
+    let lead = chunk.len() - after_blank_lines(&chunk).len();
+    let end = if chunk[lead..].starts_with(DONE_EVENT) {
+        Some(lead + DONE_EVENT.len())
+    } else {
+        // `\n\n` + `[DONE]` event: the event starts after the blank line.
+        DONE_AFTER_EVENT
+            .find(&chunk)
+            .map(|i| i + 2 + DONE_EVENT.len())
+    };
+    match end {
+        Some(end) if end < chunk.len() => chunk.slice(..end),
         _ => chunk,
     }
 }
