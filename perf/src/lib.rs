@@ -50,3 +50,34 @@ pub fn start(mut cmd: Command, what: &str) -> Proc {
         .unwrap_or_else(|| panic!("{what} printed {line:?}"));
     Proc { child, url }
 }
+
+/// `vllm-sim` (`$VLLM_SIM_BIN`, else the sibling) serving `sim-model`, the
+/// name the sidecar rewrites to, and `m`, which the passthrough sends as
+/// the client wrote it.
+pub fn start_sim() -> Proc {
+    let mut cmd = Command::new(binary("VLLM_SIM_BIN", "vllm-sim"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        "sim-model",
+        "--model",
+        "m",
+    ])
+    .args(["--id", "sim"])
+    .env("RUST_LOG", "warn");
+    start(cmd, "vllm-sim")
+}
+
+/// The sidecar's config for a comparison: the one key, the simulator as
+/// an attested backend, `m` routed to `sim-model`, then `extra` lines.
+pub fn sidecar_config(key: &str, sim_url: &str, extra: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let key_hash = hex::encode(Sha256::digest(key.as_bytes()));
+    format!(
+        "keys: [{{ id: bench, sha256: \"{key_hash}\" }}]\n\
+         backends: [{{ id: sim, url: \"{sim_url}\", attestation: true }}]\n\
+         models: [{{ name: m, targets: [{{ backend: sim, upstreamModel: sim-model }}] }}]\n\
+         {extra}"
+    )
+}

@@ -162,19 +162,20 @@ struct Outcome {
     spills: f64,
 }
 
+/// `GET {base}/metrics`, with the admin token where the port needs it.
+async fn metrics(client: &reqwest::Client, base: &str, token: Option<&str>) -> String {
+    let mut req = client.get(format!("{base}/metrics"));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    req.send().await.unwrap().text().await.unwrap()
+}
+
 /// Sum of every sidecar's `infergate_prefix_spills_total`.
 async fn spills(client: &reqwest::Client, sidecars: &[Proc]) -> f64 {
     let mut n = 0.0;
     for s in sidecars {
-        let text = client
-            .get(format!("{}/metrics", s.admin.as_ref().unwrap()))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics(client, s.admin.as_ref().unwrap(), Some(ADMIN)).await;
         n += text
             .lines()
             .filter(|l| l.starts_with("infergate_prefix_spills_total"))
@@ -316,14 +317,7 @@ async fn run(sessions: &Arc<Vec<Session>>, sidecars: &[Proc], strategy: &Strateg
     o.secs = start.elapsed().as_secs_f64();
     o.spills = spills(&client, sidecars).await - spills_before;
     for p in &pods {
-        let text = client
-            .get(format!("{}/metrics", p.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics(&client, &p.url, None).await;
         let m = infergate_sidecar::load::parse_vllm(&text).unwrap();
         o.hits += m.prefix_hits;
         o.queries += m.prefix_queries;

@@ -26,9 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use infergate_perf::{binary, start, Proc};
+use infergate_perf::{binary, sidecar_config, start, start_sim, Proc};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 const KEY: &str = "ig-instructions-benchmark-key";
 /// A ratio may grow this much before `--check` fails.
@@ -308,28 +307,9 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("infergate-instructions-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
 
-    let mut sim = Command::new(binary("VLLM_SIM_BIN", "vllm-sim"));
-    sim.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        "sim-model",
-        "--model",
-        "m",
-    ]);
-    let sim = start(sim, "vllm-sim");
+    let sim = start_sim();
     let config = dir.join("config.yaml");
-    let key_hash = hex::encode(Sha256::digest(KEY.as_bytes()));
-    std::fs::write(
-        &config,
-        format!(
-            "keys: [{{ id: bench, sha256: \"{key_hash}\" }}]\n\
-             backends: [{{ id: sim, url: \"{}\", attestation: true }}]\n\
-             models: [{{ name: m, targets: [{{ backend: sim, upstreamModel: sim-model }}] }}]\n",
-            sim.url
-        ),
-    )
-    .expect("config");
+    std::fs::write(&config, sidecar_config(KEY, &sim.url, "")).expect("config");
     let sidecar_out = dir.join("sidecar.out");
     let passthrough_out = dir.join("passthrough.out");
     let config = config.to_string_lossy().into_owned();

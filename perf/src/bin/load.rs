@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use infergate_perf::{sibling, start, Proc};
-use sha2::{Digest, Sha256};
+use infergate_perf::{sibling, sidecar_config, start, start_sim, Proc};
 
 const KEY: &str = "ig-load-benchmark-key-000";
 
@@ -235,30 +234,13 @@ async fn main() {
         std::path::PathBuf::from(std::env::var("LOAD_OUT").unwrap_or("benches/results".into()));
     std::fs::create_dir_all(&out_dir).unwrap();
 
-    let sim = spawn(
-        "vllm-sim",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-            "sim-model",
-            // (a) and (b) send the public name as it is.
-            "--model",
-            "m",
-            "--id",
-            "sim",
-        ],
-    );
+    let sim = start_sim();
     let passthrough = spawn("passthrough", &["127.0.0.1:0", &sim.url]);
     let dir = std::env::temp_dir().join(format!("infergate-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let key_hash = hex::encode(Sha256::digest(KEY.as_bytes()));
     std::fs::write(
         dir.join("config.yaml"),
-        format!(
-            "keys: [{{ id: load, sha256: \"{key_hash}\" }}]\nbackends: [{{ id: sim, url: \"{}\", attestation: true }}]\nmodels: [{{ name: m, targets: [{{ backend: sim, upstreamModel: sim-model }}] }}]\nlimits: {{ maxQueued: 4096 }}\n",
-            sim.url
-        ),
+        sidecar_config(KEY, &sim.url, "limits: { maxQueued: 4096 }\n"),
     )
     .unwrap();
     let sidecar = spawn(

@@ -112,6 +112,11 @@ fn adding_a_backend_moves_only_its_share_of_sessions() {
 }
 
 /// A prefix key for a 1000-byte request.
+/// A fresh pick (nothing tried) by prefix `key` at `now`.
+fn by_prefix(route: &Route, key: u64, now: u64) -> Option<usize> {
+    pick(route, None, Some(pk(key)), Tried::default(), now)
+}
+
 fn pk(key: u64) -> Prefix {
     Prefix { key, bytes: 1000 }
 }
@@ -131,7 +136,7 @@ fn prefix_affinity_is_rendezvous_on_the_key_when_load_is_even() {
     let mut c = [0usize; 4];
     for k in 0..1000u64 {
         let key = xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes());
-        let a = pick(route, None, Some(pk(key)), Tried::default(), 0).unwrap();
+        let a = by_prefix(route, key, 0).unwrap();
         // Same as a plain rendezvous choice: every replica agrees.
         assert_eq!(Some(a), rendezvous_hash(&route.targets, key, &|_, _| true));
         c[a] += 1;
@@ -144,7 +149,7 @@ fn a_busy_owner_is_skipped_for_the_next_in_rendezvous_order() {
     let t = table("prefixAffinity", &[1, 1, 1, 1]);
     let route = t.route("m").unwrap();
     let key = 42;
-    let owner = pick(route, None, Some(pk(key)), Tried::default(), 0).unwrap();
+    let owner = by_prefix(route, key, 0).unwrap();
     // Second in rendezvous order: the owner's choice with it excluded.
     let mut without = Tried::default();
     without.add(owner);
@@ -152,18 +157,12 @@ fn a_busy_owner_is_skipped_for_the_next_in_rendezvous_order() {
     // 4 in flight on the owner, 0 elsewhere: the mean (with this request
     // and one per backend) is 9/4; the owner would be at 5 > ceil(1.25 x 9/4).
     set_in_flight(route, owner, 4);
-    assert_eq!(
-        pick(route, None, Some(pk(key)), Tried::default(), 0),
-        Some(second)
-    );
+    assert_eq!(by_prefix(route, key, 0), Some(second));
     // Within the bound it stays: 1 in flight everywhere.
     for i in 0..4 {
         set_in_flight(route, i, 1);
     }
-    assert_eq!(
-        pick(route, None, Some(pk(key)), Tried::default(), 0),
-        Some(owner)
-    );
+    assert_eq!(by_prefix(route, key, 0), Some(owner));
 }
 
 #[test]
@@ -210,10 +209,7 @@ fn fleet_wide_signals_count_and_vanished_metrics_are_not_favoured() {
     );
     s1.lost();
     for key in 0..100 {
-        assert_eq!(
-            pick(route, None, Some(pk(key)), Tried::default(), now_ms()),
-            Some(0)
-        );
+        assert_eq!(by_prefix(route, key, now_ms()), Some(0));
     }
 }
 
@@ -273,10 +269,7 @@ fn a_held_head_wins_over_rendezvous_order() {
     let route = t.route("m").unwrap();
     let o = order(route, 42);
     hold(route, o[2], 42);
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), 0),
-        Some(o[2])
-    );
+    assert_eq!(by_prefix(route, 42, 0), Some(o[2]));
 }
 
 #[test]
@@ -288,10 +281,7 @@ fn a_short_cold_backlog_is_not_worth_a_cold_prefill_elsewhere() {
     // 800 bytes of another prompt to prefill first, against 1000 of its
     // own anywhere else: it waits.
     let _other = waiting(route, o[0], 7, 800);
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), 0),
-        Some(o[0])
-    );
+    assert_eq!(by_prefix(route, 42, 0), Some(o[0]));
 }
 
 #[test]
@@ -303,20 +293,14 @@ fn a_long_cold_backlog_spills_to_the_next_in_rendezvous_order() {
     let other = waiting(route, o[0], 7, 3000);
     // Every other backend costs the same 1000 (cold, idle): the next in
     // order, the same one from every sidecar.
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), 0),
-        Some(o[1])
-    );
+    assert_eq!(by_prefix(route, 42, 0), Some(o[1]));
     // The backlog gone, it is back on its own pod.
     route.targets[o[0]]
         .backend
         .counters
         .backlog
         .release(other, true);
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), 0),
-        Some(o[0])
-    );
+    assert_eq!(by_prefix(route, 42, 0), Some(o[0]));
 }
 
 #[test]
@@ -328,10 +312,7 @@ fn a_request_joins_its_own_keys_prefill() {
     // the third backend: waiting for that prefill beats computing it again.
     let _other = waiting(route, o[0], 7, 500);
     let _first = waiting(route, o[2], 42, 1000);
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), 0),
-        Some(o[2])
-    );
+    assert_eq!(by_prefix(route, 42, 0), Some(o[2]));
 }
 
 #[test]
@@ -341,10 +322,7 @@ fn the_load_bound_still_holds_over_a_held_head() {
     let o = order(route, 42);
     hold(route, o[0], 42);
     set_in_flight(route, o[0], 4);
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), 0),
-        Some(o[1])
-    );
+    assert_eq!(by_prefix(route, 42, 0), Some(o[1]));
 }
 
 #[test]
@@ -371,23 +349,14 @@ fn what_a_pods_sidecar_says_counts_like_what_was_seen() {
         b.counters.signal.record_keys(cold, bloom);
     };
     report(o[3], 0, &[], Some(&bloom));
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), now),
-        Some(o[3])
-    );
+    assert_eq!(by_prefix(route, 42, now), Some(o[3]));
     // Then that it has 5000 bytes of another prompt to prefill first.
     report(o[3], 5000, &[7], Some(&bloom));
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), now),
-        Some(o[0])
-    );
+    assert_eq!(by_prefix(route, 42, now), Some(o[0]));
     // Or that it is prefilling this key (about its 1000 bytes) and 200
     // more: it joins.
     report(o[3], 1200, &[42], Some(&bloom));
-    assert_eq!(
-        pick(route, None, Some(pk(42)), Tried::default(), now),
-        Some(o[3])
-    );
+    assert_eq!(by_prefix(route, 42, now), Some(o[3]));
 }
 
 #[test]
